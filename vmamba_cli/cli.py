@@ -1,0 +1,52 @@
+"""The `vmamba` command line (Typer). Each subcommand lives in vmamba_cli/commands/."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import typer
+
+from vmamba_cli import __version__
+from vmamba_cli.commands import COMMAND_MODULES
+
+app = typer.Typer(
+    name="vmamba",
+    help="VMamba vision backbone: predict, evaluate, train, profile and visualise effective receptive fields.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"vmamba {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                           help="Show the version and exit."),
+):
+    """VMamba from one command line; runs on CPU and GPU with no compile step."""
+
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"vmamba_cli.commands.{_name}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"vmamba_cli.commands.{_name}":
+            raise
+        continue  # subcommand not built yet
+    _module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
