@@ -1,0 +1,137 @@
+"""Models with their weights: build-and-load in one call, and our self-describing safetensors format.
+
+Our files carry, as safetensors metadata: ``model`` (registered name or "custom"), ``config``
+(``VMambaConfig`` as JSON, so a fine-tuned model with another head rebuilds without flags),
+``official_config`` (the official VSSM kwargs), ``class_names`` (JSON list) and free-form provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .loading import CheckpointError, load_weights_into, read_metadata, read_state_dict, save_weights
+
+# A hook the registry installs: turns a weights argument that is not a local file (registry name, URL)
+# into a local path, downloading if needed. Returns None when it does not recognise the argument.
+WeightsResolver = Callable[[str, "str | None"], "Path | None"]
+_resolvers: list[WeightsResolver] = []
+
+
+def register_weights_resolver(resolver: WeightsResolver) -> None:
+    _resolvers.append(resolver)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    name: str                               # registered model name, or "custom"
+    class_names: list[str] | None           # index -> label, when known
+    source: str | None                      # weights file used (None: fresh official init)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_weights_path(weights: str | os.PathLike, model_name: str | None = None) -> Path:
+    """Local path for a weights argument: an existing file, or whatever a registered resolver makes of it."""
+    path = Path(weights)
+    if path.exists():
+        return path
+    for resolver in _resolvers:
+        resolved = resolver(str(weights), model_name)
+        if resolved is not None:
+            return Path(resolved)
+    raise CheckpointError(weights, "no such file (and not a known weights name or URL)")
+
+
+def _is_ours(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        return "config" in read_metadata(path)
+    except CheckpointError:
+        return False
+
+
+def load_model(model: str | None = None, weights: str | os.PathLike | None = None, *, ema: bool = False,
+               num_classes: int | None = None) -> LoadedModel:
+    """Build a model and load weights strictly.
+
+    * ``weights`` is one of our safetensors files: the architecture comes from its metadata
+      (``model``, when given, is only a cross-check of the registered name).
+    * ``weights`` is an official ``.pth`` (or a bare state dict): ``model`` (default vmamba-tiny)
+      gives the architecture.
+    * ``weights`` is None: the official random initialisation.
+    ``num_classes`` replaces the head after loading (fine-tuning).
+    """
+    from vmamba_cli.model import DEFAULT_MODEL, VMambaConfig, VSSM, create_model, resolve_model_name
+
+    name = resolve_model_name(model) if model else None
+    metadata: dict[str, Any] = {}
+    source = None
+    if weights is None:
+        net = create_model(name or DEFAULT_MODEL)
+        name = name or resolve_model_name(DEFAULT_MODEL)
+    else:
+        path = resolve_weights_path(weights, name)
+        source = str(path)
+        if _is_ours(path):
+            metadata = read_metadata(path)
+            stored = metadata.get("model", "custom")
+            if name and stored not in ("custom", name):
+                raise CheckpointError(path, f"holds {stored} weights, not {name}")
+            net = VSSM(VMambaConfig.from_dict(metadata["config"]))
+            name = stored
+        else:
+            name = name or resolve_model_name(DEFAULT_MODEL)
+            net = create_model(name)
+        load_weights_into(net, path, ema=ema, what=name)
+    class_names = metadata.get("class_names") if isinstance(metadata.get("class_names"), list) else None
+    if class_names is None and net.config.num_classes == 1000:
+        from vmamba_cli.data import imagenet_class_names
+
+        class_names = imagenet_class_names()
+    if num_classes is not None and num_classes != net.config.num_classes:
+        net.reset_classifier(num_classes)
+        class_names = None
+    return LoadedModel(net, name, class_names, source, metadata)
+
+
+def save_model(path: str | os.PathLike, model, *, name: str = "custom", class_names: list[str] | None = None,
+               extra: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (or an explicit ``state_dict`` of it, e.g. EMA weights) as our safetensors file."""
+    metadata: dict[str, Any] = {
+        "model": name,
+        "config": model.config.to_dict(),
+        "official_config": model.config.to_official(),
+    }
+    if class_names is not None:
+        metadata["class_names"] = list(class_names)
+    metadata.update(extra or {})
+    return save_weights(path, state_dict if state_dict is not None else model.state_dict(), metadata)
+
+
+def read_class_names(path) -> list[str] | None:
+    """Class names stored in one of our files, or a text file with one name per line."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        names = read_metadata(path).get("class_names")
+        return names if isinstance(names, list) else None
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"cannot read labels ({exc})") from None
+    if path.suffix == ".json":
+        try:
+            return list(json.loads("\n".join(lines)))
+        except ValueError as exc:
+            raise CheckpointError(path, f"not a JSON list of labels ({exc})") from None
+    return [line for line in lines if line]
+
+
+__all__ = ["LoadedModel", "load_model", "save_model", "read_class_names", "register_weights_resolver",
+           "resolve_weights_path", "read_state_dict"]
