@@ -389,7 +389,8 @@ class VSSM(nn.Module):
         self._layout = layout
         self.num_features = cfg.dims[-1]
         self.patch_embed = _stem(cfg, layout)
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        total = sum(cfg.depths)
+        rates = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear over all blocks
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(cfg.dims, cfg.depths)):
             start = sum(cfg.depths[:i])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vmamba_cli.commands._common import console, print_json
@@ -33,9 +34,10 @@ def register(app: typer.Typer) -> None:
             return
         table = Table(title="VMamba models (ImageNet-1k, 224x224, numbers reported by the authors)")
         for col in ("name", "aliases", "paper", "params", "GFLOPs", "top-1", "checkpoint"):
-            table.add_column(col, justify="right" if col in ("params", "GFLOPs", "top-1") else "left")
+            table.add_column(col, justify="right" if col in ("params", "GFLOPs", "top-1") else "left",
+                             no_wrap=col in ("name", "checkpoint"), overflow="fold")
         for r in rows:
             name = r["name"] + (" (default)" if r["default"] else "")
-            table.add_row(name, ", ".join(r["aliases"]), r["paper_name"], f"{r['params'] / 1e6:.1f}M",
+            table.add_row(name, ", ".join(r["aliases"]), escape(r["paper_name"]), f"{r['params'] / 1e6:.1f}M",
                           f"{r['gflops']:.2f}", f"{r['top1']:.1f}", r["checkpoint"])
         console.print(table)

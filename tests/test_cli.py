@@ -1,0 +1,39 @@
+"""The `vmamba` entry point: help, version, model listing."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from vmamba_cli import __version__
+from vmamba_cli.cli import app
+from vmamba_cli.model import MODELS
+
+runner = CliRunner()
+
+
+def test_version_and_help():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"vmamba {__version__}"
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "models" in result.stdout
+
+
+def test_models_json_lists_every_registered_model():
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == list(MODELS)
+    default = [r for r in rows if r["default"]]
+    assert len(default) == 1 and default[0]["name"] == "vmamba-tiny-s1l8"
+    tiny = default[0]
+    assert tiny["params"] == 30_249_064 and abs(tiny["gflops"] - 4.905609984) < 1e-9 and tiny["top1"] == 82.6
+    assert tiny["url"].endswith("/releases/download/%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth")
+
+
+def test_models_table_is_human_output_on_stderr():
+    proc = subprocess.run([sys.executable, "-m", "vmamba_cli", "models"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout == ""
+    assert "vmamba-tiny-s1l8" in proc.stderr and "vssm1_tiny_0230s_ckpt_epoch_264.pth" in proc.stderr
