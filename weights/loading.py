@@ -15,6 +15,7 @@ import collections
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -81,9 +82,11 @@ def _read_torch(path: Path) -> Any:
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
-        marker = "Unsupported global: GLOBAL "
-        if marker in message:
-            name = message.split(marker, 1)[1].split()[0]
+        # torch words it "Unsupported global: GLOBAL x.y" or, for blocked modules such as os/posix,
+        # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked".
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", message)
+        if found:
+            name = found.group(1)
             raise CheckpointError(path, f"refusing to unpickle {name} (only tensors and plain containers "
                                         "are loaded from .pth files)") from None
         raise CheckpointError(path, f"not a readable PyTorch checkpoint ({_one_line(message, 120)})") from None

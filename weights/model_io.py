@@ -48,6 +48,13 @@ def resolve_weights_path(weights: str | os.PathLike, model_name: str | None = No
     raise CheckpointError(weights, "no such file (and not a known weights name or URL)")
 
 
+def _official_model_for_file(path: Path) -> str | None:
+    """The model an official release file (named as released) belongs to."""
+    from .registry import model_for_file
+
+    return model_for_file(path.name)
+
+
 def _is_ours(path: Path) -> bool:
     if path.suffix != ".safetensors":
         return False
@@ -87,7 +94,7 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
             net = VSSM(VMambaConfig.from_dict(metadata["config"]))
             name = stored
         else:
-            name = name or resolve_model_name(DEFAULT_MODEL)
+            name = name or _official_model_for_file(path) or resolve_model_name(DEFAULT_MODEL)
             net = create_model(name)
         load_weights_into(net, path, ema=ema, what=name)
     class_names = metadata.get("class_names") if isinstance(metadata.get("class_names"), list) else None

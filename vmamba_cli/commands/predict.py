@@ -1,0 +1,77 @@
+"""`vmamba predict`: top-k ImageNet classes for images, folders and glob patterns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from vmamba_cli.commands._common import console, print_json, resolve_device, user_errors
+from vmamba_cli.predict import DEFAULT_BATCH_SIZE, DEFAULT_RESOLUTION, DEFAULT_TOPK, PredictReport, predict
+
+
+def _show(report: PredictReport) -> None:
+    if report.predictions:
+        table = Table(title=f"{report.model} on {report.device}, top-{report.topk}", title_justify="left")
+        table.add_column("image", overflow="fold")
+        table.add_column("#", justify="right")
+        table.add_column("class")
+        table.add_column("probability", justify="right")
+        for prediction in report.predictions:
+            for rank, score in enumerate(prediction.top, 1):
+                table.add_row(prediction.path if rank == 1 else "", str(rank), score.label,
+                              f"{score.probability:.4f}")
+            table.add_section()
+        console.print(table)
+    for failure in report.failures:
+        console.print(f"[bold red]error:[/] {failure.path}: {failure.error}", highlight=False, soft_wrap=True)
+    summary = f"{len(report.predictions)} image(s) predicted"
+    if report.failures:
+        summary += f", {len(report.failures)} failed"
+    console.print(f"{summary} in {report.seconds:.2f} s (weights: {report.weights or 'random init'})",
+                  highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("predict")
+    def predict_command(
+        images: List[str] = typer.Argument(..., metavar="IMAGE...",
+                                           help="Image files, folders (searched recursively) or glob patterns."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                            help="Registered model name \\[default: vmamba-tiny, or the model of "
+                                                 "official --weights]."),
+        weights: Optional[str] = typer.Option(None, "--weights", "-w", show_default=False,
+                                              help="Local .pth/.safetensors, a registry name (`vmamba weights "
+                                                   "list`) or an http(s) URL \\[default: the official checkpoint "
+                                                   "of --model, downloaded once into $VMAMBA_HOME]."),
+        topk: int = typer.Option(DEFAULT_TOPK, "--topk", "-k", min=1, help="Classes shown per image."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Images per forward."),
+        resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", "-r", min=32,
+                                       help="Crop size fed to the model (resized to resolution/0.875 first)."),
+        amp: bool = typer.Option(False, "--amp", help="float16 autocast on CUDA (ignored on CPU)."),
+        labels: Optional[Path] = typer.Option(None, "--labels", show_default=False,
+                                              help="Class names: text file (one per line) or JSON list "
+                                                   "\\[default: from the checkpoint, else ImageNet-1k]."),
+        ema: bool = typer.Option(False, "--ema", help="Use the model_ema entry of an official .pth."),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    ):
+        """Classify images: top-k classes with probabilities. Exit status 1 when any input failed."""
+        dev = resolve_device(device)
+        if amp and dev.type != "cuda":
+            console.print("note: --amp only applies on CUDA; running in float32 on CPU", highlight=False)
+        with user_errors():
+            report = predict(images, model=model, weights=weights, topk=topk, device=dev, batch_size=batch_size,
+                             resolution=resolution, amp=amp, ema=ema, labels=labels,
+                             progress=console.is_terminal)
+        if json_out:
+            print_json(report.to_dict())
+            for failure in report.failures:
+                console.print(f"[bold red]error:[/] {failure.path}: {failure.error}", highlight=False,
+                              soft_wrap=True)
+        else:
+            _show(report)
+        if report.failures:
+            raise typer.Exit(1)

@@ -1,0 +1,176 @@
+"""Image classification with a VMamba model: files, folders and globs in, top-k classes out.
+
+``predict`` is what `vmamba predict` runs. Unusable inputs (missing, unreadable, truncated, not an
+image) become ``PredictFailure`` entries with a one-line reason; every other image is still predicted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from vmamba_cli.data import ImageError, eval_transform, find_images, load_image
+
+DEFAULT_TOPK = 5
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_RESOLUTION = 224
+
+
+@dataclass
+class ClassScore:
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[ClassScore]
+
+
+@dataclass
+class PredictFailure:
+    path: str
+    error: str
+
+
+@dataclass
+class PredictReport:
+    """Everything one `vmamba predict` run produced (``to_dict`` is its --json document)."""
+
+    model: str
+    weights: str | None
+    device: str
+    resolution: int
+    topk: int
+    amp: bool
+    predictions: list[Prediction] = field(default_factory=list)
+    failures: list[PredictFailure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def _labels_for(loaded, labels: str | os.PathLike | Sequence[str] | None, num_classes: int) -> list[str]:
+    from vmamba_cli.weights import read_class_names
+
+    if labels is None:
+        names = loaded.class_names
+    elif isinstance(labels, (str, os.PathLike)):
+        names = read_class_names(labels)
+        if names is None:
+            raise ValueError(f"{labels}: holds no class names")
+        if len(names) != num_classes:
+            raise ValueError(f"{labels}: has {len(names)} class names but the model has {num_classes} classes")
+    else:
+        names = list(labels)
+        if len(names) != num_classes:
+            raise ValueError(f"{len(names)} class names given but the model has {num_classes} classes")
+    if names is None or len(names) != num_classes:
+        names = [f"class {i}" for i in range(num_classes)]
+    return [str(n) for n in names]
+
+
+def _load(path: Path, transform) -> torch.Tensor:
+    return transform(load_image(path))
+
+
+def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, topk: int = DEFAULT_TOPK,
+            device: str | torch.device = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
+            resolution: int = DEFAULT_RESOLUTION, amp: bool = False, ema: bool = False,
+            labels: str | os.PathLike | Sequence[str] | None = None, progress: bool = False,
+            workers: int | None = None) -> PredictReport:
+    """Top-``topk`` classes for every image found in ``inputs`` (files, folders, glob patterns).
+
+    ``model`` is a registered name (default vmamba-tiny) or an already loaded ``LoadedModel``;
+    ``weights`` a local ``.pth``/``.safetensors``, a registry name or a URL. With neither
+    ``weights`` nor a loaded model, the official checkpoint of ``model`` is used (downloaded once into
+    the cache). ``amp`` runs the forward in float16 autocast on CUDA and is ignored on CPU. Bad
+    weights raise ``CheckpointError``; bad images end up in ``report.failures``.
+    """
+    from vmamba_cli.model import DEFAULT_MODEL
+    from vmamba_cli.weights import LoadedModel, load_model
+
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if resolution < 32:
+        raise ValueError(f"resolution must be at least 32 pixels, got {resolution}")
+    dev = _device(device)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load_model(model, weights if weights is not None else (model or DEFAULT_MODEL), ema=ema)
+    net = loaded.model.to(dev).eval()
+    num_classes = net.config.num_classes
+    names = _labels_for(loaded, labels, num_classes)
+    k = min(topk, num_classes)
+    use_amp = amp and dev.type == "cuda"
+
+    start = time.perf_counter()
+    scan = find_images(inputs)
+    report = PredictReport(model=loaded.name, weights=loaded.source, device=str(dev), resolution=resolution,
+                           topk=k, amp=use_amp)
+    report.failures.extend(PredictFailure(e.path, e.problem) for e in scan.errors)
+    transform = eval_transform(resolution)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(scan.files), unit="img", desc="predict", file=sys.stderr,
+               disable=not progress or len(scan.files) < 2,
+               leave=False, dynamic_ncols=True)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with bar, ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
+        batches = [scan.files[i:i + batch_size] for i in range(0, len(scan.files), batch_size)]
+        submit = lambda paths: [pool.submit(_load, p, transform) for p in paths]  # noqa: E731
+        upcoming = submit(batches[0]) if batches else []
+        for number, paths in enumerate(batches):
+            # Decode the next batch in the threads while this one runs through the model.
+            futures, upcoming = upcoming, (submit(batches[number + 1]) if number + 1 < len(batches) else [])
+            tensors, kept = [], []
+            for path, future in zip(paths, futures):
+                try:
+                    tensors.append(future.result())
+                    kept.append(path)
+                except ImageError as exc:
+                    report.failures.append(PredictFailure(exc.path, exc.problem))
+            if tensors:
+                batch = torch.stack(tensors).to(dev, non_blocking=True)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                    logits = net(batch)
+                probs = logits.float().softmax(dim=-1)
+                values, indices = probs.topk(k, dim=-1)
+                for path, vals, idxs in zip(kept, values.tolist(), indices.tolist()):
+                    report.predictions.append(Prediction(
+                        str(path), [ClassScore(i, names[i], p) for i, p in zip(idxs, vals)]))
+            bar.update(len(paths))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+__all__ = ["ClassScore", "Prediction", "PredictFailure", "PredictReport", "predict"]
