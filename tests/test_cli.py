@@ -37,3 +37,11 @@ def test_models_table_is_human_output_on_stderr():
     assert proc.returncode == 0
     assert proc.stdout == ""
     assert "vmamba-tiny-s1l8" in proc.stderr and "vssm1_tiny_0230s_ckpt_epoch_264.pth" in proc.stderr
+
+
+def test_shipped_class_names_are_torchvision_list():
+    from torchvision.models import ResNet50_Weights
+
+    from vmamba_cli.data import imagenet_class_names
+
+    assert imagenet_class_names() == list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

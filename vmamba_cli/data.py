@@ -128,10 +128,14 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> InputScan:
 
 
 def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in index order, from torchvision's weight metadata (offline)."""
-    from torchvision.models import ResNet50_Weights
+    """The 1000 ImageNet-1k class names in index order.
 
-    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    Shipped as a text file (the list torchvision carries in its weight metadata) so that reading it
+    does not pay for importing torchvision.models.
+    """
+    from importlib.resources import files
+
+    return files("vmamba_cli").joinpath("imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
 
 
 def to_batch(images: list, transform) -> torch.Tensor:
