@@ -1,0 +1,554 @@
+"""ImageNet-style evaluation of a classifier on an image folder, on one process or many (torchrun).
+
+The folder holds one sub-folder per class. Folders are mapped to the model's class indices by, in order:
+
+1. the class names stored in the checkpoint, when every folder name is one of them;
+2. the ImageNet-1k WordNet ids (``n01440764`` ...) in their standard (sorted) order, when every folder is
+   one and the head has 1000 classes: a validation subset with only some of the classes still maps right;
+3. the sorted folder names, when their number equals the head's number of classes.
+
+Multi-process runs shard the images without padding (process ``r`` of ``w`` takes images ``r, r+w, ...``)
+and add the per-process sums with ``all_reduce``: every image is counted exactly once whatever the
+dataset size. Images that cannot be read are counted and listed as failures, never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vmamba_cli.data import DEFAULT_CROP_PCT, IMAGE_EXTENSIONS, ImageError, eval_transform, load_image
+
+WNID_PATTERN = re.compile(r"^n\d{8}$")
+TOPK = 5
+
+# Exit statuses of `vmamba eval` (documented in docs/eval.md).
+EXIT_OK = 0
+EXIT_ERROR = 1            # nothing evaluated: bad weights, folder, class mismatch, device
+EXIT_USAGE = 2            # bad command line (Typer/Click)
+EXIT_IMAGE_FAILURES = 3   # evaluation finished, but some images could not be read
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids; position = class index of the standard (sorted) order."""
+    from importlib.resources import files
+
+    text = files("vmamba_cli").joinpath("imagenet_synsets.txt").read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+# -- classes -------------------------------------------------------------------------------------------
+
+@dataclass
+class ClassMapping:
+    """Which model class index each class folder stands for."""
+
+    folders: list[str]            # sorted folder names
+    indices: list[int]            # model class index of each folder
+    kind: str                     # "class-names" | "imagenet-wnid" | "sorted-folders"
+    class_names: list[str] | None = None  # index -> human-readable name, when known
+
+    def name_of(self, index: int) -> str:
+        if self.class_names is not None and 0 <= index < len(self.class_names):
+            return str(self.class_names[index])
+        return str(index)
+
+
+def class_folders(data_dir: str | os.PathLike) -> list[str]:
+    root = Path(data_dir)
+    if not root.exists():
+        raise ValueError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder (expected one sub-folder per class)")
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root}: no class sub-folders (expected one sub-folder per class)")
+    return folders
+
+
+def map_classes(data_dir: str | os.PathLike, num_classes: int,
+                class_names: Sequence[str] | None = None) -> ClassMapping:
+    """Map each class folder of ``data_dir`` to a class index of a head with ``num_classes`` outputs."""
+    folders = class_folders(data_dir)
+    names = list(class_names) if class_names is not None else None
+    if names is not None and len(names) == num_classes:
+        position = {str(n): i for i, n in enumerate(names)}
+        if len(position) == len(names) and all(f in position for f in folders):
+            return ClassMapping(folders, [position[f] for f in folders], "class-names", names)
+    wnids = imagenet_wnids()
+    wnid_index = {w: i for i, w in enumerate(wnids)}
+    is_imagenet = all(WNID_PATTERN.match(f) and f in wnid_index for f in folders)
+    if is_imagenet and num_classes == len(wnids):
+        return ClassMapping(folders, [wnid_index[f] for f in folders], "imagenet-wnid", names)
+    if len(folders) == num_classes:
+        # Folder i is class i: the folder names are the labels (checkpoint names, if any, disagree).
+        return ClassMapping(folders, list(range(num_classes)), "sorted-folders", folders)
+    hint = (" (the folders are ImageNet WordNet ids, which need a 1000-class head)" if is_imagenet else
+            " (folders map to classes in sorted order unless they are ImageNet WordNet ids or match "
+            "the checkpoint's class names)")
+    raise ValueError(f"{Path(data_dir)}: {len(folders)} class folders but the model head has "
+                     f"{num_classes} classes{hint}")
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FolderScan:
+    samples: list[tuple[str, int]]   # (image path, model class index), in folder then path order
+    ignored: int                     # files without an image extension, left out
+
+
+def scan_image_folder(data_dir: str | os.PathLike, mapping: ClassMapping) -> FolderScan:
+    root = Path(data_dir)
+    samples: list[tuple[str, int]] = []
+    ignored = 0
+    for folder, index in zip(mapping.folders, mapping.indices):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(os.path.join(dirpath, name))
+                else:
+                    ignored += 1
+        samples.extend((path, index) for path in sorted(found))
+    if not samples:
+        raise ValueError(f"{root}: no images in its class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return FolderScan(samples, ignored)
+
+
+class EvalSample(NamedTuple):
+    index: int                       # position in the whole (unsharded) dataset
+    target: int
+    image: torch.Tensor | None       # None when the file could not be read
+    error: str | None
+
+
+class EvalBatch(NamedTuple):
+    images: torch.Tensor | None      # the readable images only
+    targets: torch.Tensor
+    indices: torch.Tensor
+    failures: list[tuple[int, str]]  # (dataset index, reason) of unreadable images
+
+
+class EvalImageDataset(torch.utils.data.Dataset):
+    """(path, target) samples -> preprocessed tensors; an unreadable file yields a failure marker
+    instead of raising, so that one bad JPEG does not kill the DataLoader or the run."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, indices: Sequence[int] | None = None):
+        self.samples = samples
+        self.transform = transform
+        self.indices = list(range(len(samples))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> EvalSample:
+        index = self.indices[i]
+        path, target = self.samples[index]
+        try:
+            image = self.transform(load_image(path))
+        except ImageError as exc:
+            return EvalSample(index, target, None, exc.problem)
+        except Exception as exc:  # a decoder or transform error on one file must not stop the run
+            return EvalSample(index, target, None, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+        return EvalSample(index, target, image, None)
+
+
+def collate_eval(samples: Sequence[EvalSample]) -> EvalBatch:
+    ok = [s for s in samples if s.error is None]
+    images = torch.stack([s.image for s in ok]) if ok else None
+    return EvalBatch(images, torch.tensor([s.target for s in ok], dtype=torch.long),
+                     torch.tensor([s.index for s in ok], dtype=torch.long),
+                     [(s.index, s.error) for s in samples if s.error is not None])
+
+
+# -- results -------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalFailure:
+    path: str
+    reason: str
+
+
+@dataclass
+class Prediction:
+    path: str
+    target: int
+    topk: list[int]
+    probs: list[float]
+    error: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        return bool(self.topk) and self.topk[0] == self.target
+
+
+@dataclass
+class EvalResult:
+    model: str
+    weights: str | None
+    data_dir: str
+    class_mapping: str
+    num_classes: int
+    num_class_folders: int
+    num_images: int                  # images evaluated (readable)
+    num_failed: int                  # images that could not be read
+    correct_top1: int
+    correct_top5: int
+    top5_k: int                      # k of the "top-5" figure: min(5, num_classes)
+    loss_sum: float
+    wall_time_s: float
+    resolution: int
+    crop_pct: float
+    device: str
+    batch_size: int
+    world_size: int
+    amp: str | None
+    ema: bool
+    ignored_files: int = 0
+    num_nonfinite: int = 0           # images whose logits hold NaN/inf (counted as wrong)
+    failures: list[EvalFailure] = field(default_factory=list)
+    predictions: list[Prediction] | None = None   # per image, dataset order, when asked for
+    class_names: list[str] | None = field(default=None, repr=False)
+    rank: int = 0
+
+    @property
+    def top1(self) -> float | None:
+        return 100.0 * self.correct_top1 / self.num_images if self.num_images else None
+
+    @property
+    def top5(self) -> float | None:
+        return 100.0 * self.correct_top5 / self.num_images if self.num_images else None
+
+    @property
+    def loss(self) -> float | None:
+        return self.loss_sum / self.num_images if self.num_images else None
+
+    @property
+    def images_per_sec(self) -> float | None:
+        return self.num_images / self.wall_time_s if self.wall_time_s > 0 else None
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_IMAGE_FAILURES if self.num_failed else EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of `vmamba eval --json` (per-image predictions go to the CSV instead)."""
+        return {
+            "model": self.model, "weights": self.weights, "data_dir": self.data_dir,
+            "top1": self.top1, "top5": self.top5, "top5_k": self.top5_k, "loss": _json_number(self.loss),
+            "num_images": self.num_images, "num_failed": self.num_failed,
+            "correct_top1": self.correct_top1, "correct_top5": self.correct_top5,
+            "images_per_sec": self.images_per_sec, "wall_time_s": self.wall_time_s,
+            "num_classes": self.num_classes, "num_class_folders": self.num_class_folders,
+            "class_mapping": self.class_mapping, "ignored_files": self.ignored_files,
+            "num_nonfinite": self.num_nonfinite,
+            "resolution": self.resolution, "crop_pct": self.crop_pct, "device": self.device,
+            "batch_size": self.batch_size, "world_size": self.world_size, "amp": self.amp, "ema": self.ema,
+            "failures": [asdict(f) for f in self.failures],
+        }
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        from vmamba_cli.weights import atomic_write
+
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    def save_predictions(self, path: str | os.PathLike) -> Path:
+        """Per-image CSV: path, target, the top-k classes with names and probabilities, correct, error."""
+        from vmamba_cli.weights import atomic_write
+
+        if self.predictions is None:
+            raise ValueError("no per-image predictions were collected (evaluate(..., predictions=True))")
+        k = self.top5_k
+        name = (lambda i: self.class_names[i] if self.class_names and 0 <= i < len(self.class_names) else "")
+        header = ["path", "target", "target_name"]
+        for j in range(1, k + 1):
+            header += [f"pred_{j}", f"name_{j}", f"prob_{j}"]
+        header += ["correct", "error"]
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                out = csv.writer(fh)
+                out.writerow(header)
+                for p in self.predictions:
+                    row: list[Any] = [p.path, p.target, name(p.target)]
+                    for j in range(k):
+                        if j < len(p.topk):
+                            row += [p.topk[j], name(p.topk[j]), f"{p.probs[j]:.6f}"]
+                        else:
+                            row += ["", "", ""]
+                    row += ["" if p.error else int(p.correct), p.error or ""]
+                    out.writerow(row)
+
+        return atomic_write(path, write)
+
+
+# -- distributed ---------------------------------------------------------------------------------------
+
+def _launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def process_group(device: str | torch.device = "auto"):
+    """Join the torch.distributed group that torchrun describes in the environment (gloo on CPU, nccl
+    on CUDA) and leave it on exit; yields (rank, world_size). Does nothing in a plain single process,
+    and reuses a group the caller already created."""
+    if _group_initialized():
+        yield _rank_and_world_size()
+        return
+    if not _launched_distributed():
+        yield 0, 1
+        return
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" not in os.environ:
+        raise ValueError("WORLD_SIZE is set but not MASTER_ADDR: launch multi-process evaluation with "
+                         "`torchrun --nproc-per-node N -m vmamba_cli eval ...`")
+    dev = _resolve_device(device, True)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield _rank_and_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process of the group (no-op outside torch.distributed)."""
+    if _group_initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _resolve_device(device: str | torch.device, distributed: bool) -> torch.device:
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {dev} requested but no CUDA device is available")
+        if distributed and dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+
+def evaluate(
+    data_dir: str | os.PathLike,
+    model: str | torch.nn.Module | None = None,
+    weights: str | os.PathLike | None = None,
+    *,
+    ema: bool = False,
+    class_names: Sequence[str] | None = None,
+    resolution: int = 224,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    device: str | torch.device = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    amp: bool = False,
+    amp_dtype: str | None = None,
+    limit: int | None = None,
+    predictions: bool = False,
+    progress: bool = False,
+    distributed: bool | None = None,
+) -> EvalResult:
+    """Evaluate a classifier on an image folder (one sub-folder per class).
+
+    ``model`` is a registered name (built with ``vmamba_cli.weights.load_model(model, weights, ema=ema)``)
+    or an ``nn.Module`` (then ``weights`` is ignored and ``class_names`` may name its classes).
+    ``distributed=None`` joins a torch.distributed group when launched by torchrun (``WORLD_SIZE`` > 1):
+    gloo on CPU, nccl on CUDA. Every process returns the same totals; ``result.is_main_process`` says
+    which one should print and write files. ``limit`` keeps the first N images (folder order).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if resolution < 1:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+
+    if distributed is None:
+        distributed = _launched_distributed() or _group_initialized()
+    dev = _resolve_device(device, distributed)
+    with process_group(dev) if distributed else contextlib.nullcontext():
+        rank, world_size = (_rank_and_world_size() if distributed else (0, 1))
+        return _evaluate(data_dir, model, weights, ema=ema, class_names=class_names, resolution=resolution,
+                         crop_pct=crop_pct, dev=dev, batch_size=batch_size, workers=workers, amp=amp,
+                         amp_dtype=amp_dtype, limit=limit, predictions=predictions, progress=progress,
+                         rank=rank, world_size=world_size)
+
+
+def _amp_dtype(dev: torch.device, amp: bool, amp_dtype: str | None) -> torch.dtype | None:
+    if not amp:
+        return None
+    if amp_dtype is None:
+        return torch.float16 if dev.type == "cuda" else torch.bfloat16
+    dtypes = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if amp_dtype not in dtypes:
+        raise ValueError(f"amp dtype must be float16 or bfloat16, got {amp_dtype!r}")
+    return dtypes[amp_dtype]
+
+
+def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pct, dev, batch_size, workers,
+              amp, amp_dtype, limit, predictions, progress, rank, world_size) -> EvalResult:
+    if isinstance(model, torch.nn.Module):
+        net, model_name, source = model, type(model).__name__, None
+        names = list(class_names) if class_names is not None else None
+    else:
+        from vmamba_cli.weights import load_model
+
+        loaded = load_model(model, weights, ema=ema)
+        net, model_name, source = loaded.model, loaded.name, loaded.source
+        names = list(class_names) if class_names is not None else loaded.class_names
+    num_classes = _num_classes(net)
+    mapping = map_classes(data_dir, num_classes, names)
+    scan = scan_image_folder(data_dir, mapping)
+    samples = scan.samples[:limit] if limit else scan.samples
+    k = min(TOPK, num_classes)
+    autocast_dtype = _amp_dtype(dev, amp, amp_dtype)
+
+    # Shard by stride, without padding: each image lands on exactly one process.
+    dataset = EvalImageDataset(samples, eval_transform(resolution, crop_pct),
+                               indices=range(rank, len(samples), world_size))
+    if workers is None:
+        workers = min(4, max(0, (os.cpu_count() or 1) // world_size - 1))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate_eval, pin_memory=dev.type == "cuda",
+                                         persistent_workers=False)
+    net = net.to(dev).eval()
+
+    # Running sums stay on the device (no sync per batch): correct top-1, correct top-k, images,
+    # images with non-finite logits, summed loss. float64 holds counts exactly up to 2**53.
+    totals = torch.zeros(5, dtype=torch.float64, device=dev)
+    failures: list[tuple[int, str]] = []
+    rows: list[tuple[int, int, list[int], list[float]]] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(samples), unit="img", desc="eval", file=sys.stderr, dynamic_ncols=True,
+                   leave=False)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            failures.extend(batch.failures)
+            if batch.images is not None:
+                images = batch.images.to(dev, non_blocking=True)
+                targets = batch.targets.to(dev, non_blocking=True)
+                if autocast_dtype is not None:
+                    with torch.autocast(dev.type, dtype=autocast_dtype):
+                        logits = net(images)
+                else:
+                    logits = net(images)
+                logits = logits.double()
+                finite = torch.isfinite(logits).all(dim=1)
+                top_probs, top_idx = logits.softmax(dim=1).topk(k, dim=1)
+                hits = (top_idx == targets[:, None]) & finite[:, None]  # NaN logits are never right
+                totals += torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                       logits.new_tensor(float(len(targets))), (~finite).sum().double(),
+                                       F.cross_entropy(logits, targets, reduction="sum")])
+                if predictions:
+                    for i, t, idx, p in zip(batch.indices.tolist(), batch.targets.tolist(),
+                                            top_idx.cpu().tolist(), top_probs.float().cpu().tolist()):
+                        rows.append((i, t, idx, p))
+            if bar is not None:
+                # Progress counts the whole job: this shard times the number of processes.
+                bar.update((len(batch.indices) + len(batch.failures)) * world_size)
+    if bar is not None:
+        bar.close()
+
+    totals = torch.cat([totals[:4], totals.new_tensor([len(failures)]), totals[4:]])
+    if world_size > 1:
+        import torch.distributed as dist
+
+        totals = totals if dist.get_backend() == "nccl" else totals.cpu()
+        dist.all_reduce(totals)
+    *counts, loss_sum = totals.tolist()
+    correct1, correctk, count, nonfinite, num_failed = (int(round(v)) for v in counts)
+    if world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, (failures, rows if predictions else None))
+        failures = [f for part in gathered for f in part[0]]
+        if predictions:
+            rows = [r for part in gathered for r in part[1]]
+    wall = time.perf_counter() - start
+
+    failures.sort()
+    failure_list = [EvalFailure(samples[i][0], reason) for i, reason in failures]
+    prediction_list = None
+    if predictions:
+        prediction_list = [Prediction(samples[i][0], t, idx, p) for i, t, idx, p in rows]
+        prediction_list += [Prediction(samples[i][0], samples[i][1], [], [], reason) for i, reason in failures]
+        order = {path: i for i, (path, _) in enumerate(samples)}
+        prediction_list.sort(key=lambda p: order[p.path])
+
+    return EvalResult(
+        model=model_name, weights=source, data_dir=str(data_dir), class_mapping=mapping.kind,
+        num_classes=num_classes, num_class_folders=len(mapping.folders), num_images=count,
+        num_failed=num_failed, correct_top1=correct1, correct_top5=correctk, top5_k=k, loss_sum=loss_sum,
+        wall_time_s=wall, resolution=resolution, crop_pct=crop_pct, device=str(dev), batch_size=batch_size,
+        world_size=world_size, amp=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
+        ema=ema, ignored_files=scan.ignored, num_nonfinite=nonfinite, failures=failure_list, predictions=prediction_list,
+        class_names=mapping.class_names, rank=rank,
+    )
+
+
+def _json_number(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None  # JSON has no NaN
+
+
+def _num_classes(net: torch.nn.Module) -> int:
+    config = getattr(net, "config", None)
+    n = getattr(config, "num_classes", None) or getattr(net, "num_classes", None)
+    if not n:
+        raise ValueError("the model has no classifier head (num_classes is 0)")
+    return int(n)
+
+
+__all__ = [
+    "EXIT_ERROR", "EXIT_IMAGE_FAILURES", "EXIT_OK", "EXIT_USAGE", "ClassMapping", "EvalBatch", "EvalFailure",
+    "EvalImageDataset", "EvalResult", "barrier", "EvalSample", "Prediction", "class_folders", "collate_eval", "evaluate",
+    "imagenet_wnids", "map_classes", "process_group", "scan_image_folder",
+]
