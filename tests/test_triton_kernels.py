@@ -1,0 +1,299 @@
+"""Triton scan / cross-scan kernels, run by the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1).
+
+The interpreter costs about a millisecond per Triton op per (program x step), so shapes are tiny:
+few (batch, group) programs, L of a few dozen, small chunk sizes to force the cross-chunk carry.
+Ahead-of-time compilation for sm_80 / sm_90 runs in a subprocess with the interpreter off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("triton")
+
+from vmamba_cli import kernels  # noqa: E402
+from vmamba_cli.kernels import scan_triton  # noqa: E402
+from vmamba_cli.kernels.cross_scan import cross_merge_reference, cross_scan_reference  # noqa: E402
+from vmamba_cli.kernels.scan_torch import selective_scan_reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not scan_triton._INTERPRET,
+                                reason="needs TRITON_INTERPRET=1 before triton is imported")
+
+SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| over max |expected| (the fixture's own tolerance convention)."""
+    scale = expected.abs().max().clamp_min(1e-12)
+    return ((actual.float() - expected.float()).abs().max() / scale).item()
+
+
+def _make_scan_inputs(batch, groups, per_group, d_state, length, dtype=torch.float32, seed=0):
+    """Inputs in the value ranges VMamba feeds the scan (A = -exp(A_log), softplus'd small steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = groups * per_group
+    inputs = {
+        "u": torch.randn(batch, channels, length, generator=gen),
+        "delta": torch.randn(batch, channels, length, generator=gen) * 0.5 - 1.0,
+        "A": -torch.exp(torch.randn(channels, d_state, generator=gen) * 0.5),
+        "B": torch.randn(batch, groups, d_state, length, generator=gen),
+        "C": torch.randn(batch, groups, d_state, length, generator=gen),
+        "D": torch.randn(channels, generator=gen),
+        "delta_bias": torch.randn(channels, generator=gen) * 0.5,
+    }
+    # A few pre-activations above softplus' threshold of 20 (identity branch, gradient 1).
+    inputs["delta"][..., :: max(1, length // 3)] += 22.0
+    for name in ("u", "delta", "B", "C"):
+        inputs[name] = inputs[name].to(dtype)
+    return inputs
+
+
+def _run_scan(fn, inputs, dout, **kwargs):
+    """y and the gradients of sum(y * dout) with respect to every input."""
+    leaves = {k: v.detach().clone().requires_grad_(True) if v is not None else None for k, v in inputs.items()}
+    y = fn(*(leaves[k] for k in SCAN_INPUTS), **kwargs)
+    (y.float() * dout).sum().backward()
+    return y.detach(), {k: (v.grad if v is not None else None) for k, v in leaves.items()}
+
+
+def _assert_close_to_reference(inputs, tol, grad_tol=None, softplus=True, **kwargs):
+    batch, channels, length = inputs["u"].shape
+    dout = torch.randn(batch, channels, length, generator=torch.Generator().manual_seed(7))
+    y, grads = _run_scan(scan_triton.selective_scan, inputs, dout, delta_softplus=softplus, **kwargs)
+    y_ref, grads_ref = _run_scan(selective_scan_reference, inputs, dout, delta_softplus=softplus)
+    assert _relative_error(y, y_ref) <= tol
+    for name in SCAN_INPUTS:
+        if inputs[name] is None:
+            assert grads[name] is None
+            continue
+        assert grads[name].dtype == inputs[name].dtype, name
+        assert grads[name].shape == inputs[name].shape, name
+        err = _relative_error(grads[name], grads_ref[name])
+        assert err <= (grad_tol or tol), f"d{name}: relative error {err:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Selective scan
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefix", ["", "n1.", "n16."])
+def test_scan_matches_official_fixture(fixtures_dir, prefix):
+    ref = load_file(str(fixtures_dir / "selective_scan_ref.safetensors"))
+    inputs = {k: ref[prefix + k] for k in SCAN_INPUTS}
+    y, grads = _run_scan(scan_triton.selective_scan, inputs, ref[prefix + "dout"], delta_softplus=True)
+    assert y.dtype == torch.float32
+    assert _relative_error(y, ref[prefix + "y"]) <= 1e-5
+    for name in SCAN_INPUTS:
+        err = _relative_error(grads[name], ref[prefix + "d" + name])
+        assert err <= 1e-5, f"{prefix}d{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("d_state", [1, 8, 16])
+def test_scan_multi_chunk_matches_reference(d_state):
+    # L = 37 is a multiple of no block size; 6 channels per group leave masked lanes in BLOCK_D = 8;
+    # chunk_size = 16 gives three chunks, so both carry passes (forward h, backward dh) run.
+    inputs = _make_scan_inputs(batch=1, groups=2, per_group=6, d_state=d_state, length=37, seed=d_state)
+    _assert_close_to_reference(inputs, tol=1e-5, chunk_size=16)
+
+
+def test_scan_chunked_equals_single_chunk():
+    inputs = _make_scan_inputs(batch=2, groups=1, per_group=4, d_state=2, length=40, seed=3)
+    dout = torch.randn(2, 4, 40, generator=torch.Generator().manual_seed(1))
+    y_one, grads_one = _run_scan(scan_triton.selective_scan, inputs, dout, delta_softplus=True)
+    y_many, grads_many = _run_scan(scan_triton.selective_scan, inputs, dout, delta_softplus=True, chunk_size=16)
+    assert _relative_error(y_many, y_one) <= 1e-6
+    for name in SCAN_INPUTS:
+        assert _relative_error(grads_many[name], grads_one[name]) <= 1e-5, name
+
+
+def test_scan_length_one():
+    inputs = _make_scan_inputs(batch=2, groups=2, per_group=3, d_state=4, length=1, seed=5)
+    _assert_close_to_reference(inputs, tol=1e-5)
+
+
+def test_scan_without_optional_inputs():
+    inputs = _make_scan_inputs(batch=1, groups=2, per_group=4, d_state=2, length=20, seed=6)
+    inputs["delta"] = inputs["delta"].abs() * 0.1      # already a positive step, no softplus
+    inputs["D"] = None
+    inputs["delta_bias"] = None
+    _assert_close_to_reference(inputs, tol=1e-5, softplus=False)
+
+
+def test_scan_bf16_inputs():
+    inputs = _make_scan_inputs(batch=1, groups=2, per_group=4, d_state=4, length=24, dtype=torch.bfloat16, seed=8)
+    # The reference reads the same bf16 values in float32, so only du / ddelta rounding to bf16 differs.
+    _assert_close_to_reference(inputs, tol=1e-5, grad_tol=1e-2)
+    y = scan_triton.selective_scan(*(inputs[k] for k in SCAN_INPUTS), delta_softplus=True,
+                                   output_dtype=torch.bfloat16)
+    y_ref = selective_scan_reference(*(inputs[k] for k in SCAN_INPUTS), delta_softplus=True)
+    assert y.dtype == torch.bfloat16
+    assert _relative_error(y, y_ref) <= 1e-2
+
+
+def test_scan_non_contiguous_inputs():
+    inputs = _make_scan_inputs(batch=2, groups=2, per_group=3, d_state=2, length=18, seed=9)
+    # Same values, strided layouts: (B, L, C) storage seen as (B, C, L), and B/C sliced from a wider tensor.
+    for name in ("u", "delta"):
+        inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not inputs[name].is_contiguous()
+    for name in ("B", "C"):
+        wide = torch.zeros(*inputs[name].shape[:-1], 2 * inputs[name].shape[-1])
+        wide[..., ::2] = inputs[name]
+        inputs[name] = wide[..., ::2]
+        assert not inputs[name].is_contiguous()
+    inputs["A"] = inputs["A"].t().contiguous().t()
+    _assert_close_to_reference(inputs, tol=1e-5)
+
+
+def test_dispatcher_uses_triton_only_when_asked_on_cpu():
+    assert scan_triton.is_available(torch.device("cpu"))           # the interpreter is on
+    assert "triton" in kernels.available_backends("cpu")
+    assert kernels.resolve_backend("auto", "cpu") != "triton"
+    inputs = _make_scan_inputs(batch=1, groups=1, per_group=4, d_state=1, length=9, seed=10)
+    args = [inputs[k] for k in SCAN_INPUTS]
+    y = kernels.selective_scan(*args, delta_softplus=True, backend="triton")
+    y_ref = selective_scan_reference(*args, delta_softplus=True)
+    assert _relative_error(y, y_ref) <= 1e-5
+
+
+def test_launch_heuristic_fills_the_gpu():
+    # Batch 128 at 224x224, stage 0 of VMamba-T: enough programs without chunking.
+    block_d, _, block_t, chunk_len, n_chunks, n_blocks, _ = scan_triton.choose_scan_config(
+        128, 4, 96, 1, 3136, sm_count=132)
+    assert (block_d, n_blocks, n_chunks) == (32, 3, 1)
+    # Batch 1 at 1024x1024: the sequence is cut into chunks until ~4 programs per SM exist.
+    block_d, _, block_t, chunk_len, n_chunks, n_blocks, _ = scan_triton.choose_scan_config(
+        1, 4, 96, 1, 65536, sm_count=132)
+    assert 4 * n_blocks * n_chunks >= 4 * 132
+    assert chunk_len % block_t == 0 and chunk_len >= 256 and chunk_len * n_chunks >= 65536
+    # N = 16 keeps the register tile within budget with fewer channels per program.
+    block_d, block_n, block_t, *_ = scan_triton.choose_scan_config(128, 4, 192, 16, 3136, sm_count=132)
+    assert block_n == 16 and block_d * block_n * block_t <= 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-scan / cross-merge
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("height,width", [(5, 7), (7, 5), (1, 4), (33, 3)])
+def test_cross_scan_and_merge_match_reference(height, width):
+    gen = torch.Generator().manual_seed(height * 100 + width)
+    x = torch.randn(2, 3, height, width, generator=gen)
+    assert torch.equal(scan_triton.cross_scan(x), cross_scan_reference(x))
+    ys = torch.randn(2, 4, 3, height, width, generator=gen)
+    torch.testing.assert_close(scan_triton.cross_merge(ys), cross_merge_reference(ys), rtol=1e-6, atol=1e-6)
+
+
+def test_cross_scan_and_merge_gradients():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 2, 3, 6, generator=gen, requires_grad=True)
+    g_seq = torch.randn(1, 4, 2, 18, generator=gen)
+    (scan_triton.cross_scan(x) * g_seq).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (cross_scan_reference(x_ref) * g_seq).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+
+    ys = torch.randn(1, 4, 2, 3, 6, generator=gen, requires_grad=True)
+    g_map = torch.randn(1, 2, 3, 6, generator=gen)
+    (scan_triton.cross_merge(ys) * g_map).sum().backward()
+    ys_ref = ys.detach().clone().requires_grad_(True)
+    (cross_merge_reference(ys_ref) * g_map).sum().backward()
+    torch.testing.assert_close(ys.grad, ys_ref.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_scan_bf16_and_dispatch():
+    x = torch.randn(1, 2, 4, 5).to(torch.bfloat16)
+    out = kernels.cross_scan(x, backend="triton")
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, cross_scan_reference(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for real GPUs (no GPU needed)
+# ----------------------------------------------------------------------------------------------
+
+# Default: every kernel at N = 1 (the v2 models) for sm_90 with bf16 activations and for sm_80 with
+# float32 activations, the two compiles running side by side. VMAMBA_FULL_AOT=1 compiles the full
+# matrix (both targets x both dtypes x N = 1 and 16): several minutes on a 2-core machine, because the
+# N = 16 backward kernel alone takes ~15-60 s to build.
+_FULL_AOT = os.environ.get("VMAMBA_FULL_AOT", "0") == "1"
+_AOT_PLAN = ([(cap, io, (1, 16)) for cap in (80, 90) for io in ("fp32", "bf16")] if _FULL_AOT
+             else [(90, "bf16", (1,)), (80, "fp32", (1,))])
+
+_AOT_SCRIPT = """
+import json, sys
+from vmamba_cli.kernels.scan_triton import compile_kernels
+cap, io, d_states = int(sys.argv[1]), sys.argv[2], tuple(int(n) for n in sys.argv[3].split(','))
+print(json.dumps(compile_kernels(cap, io_dtypes=(io,), d_states=d_states)))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_results(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # A fresh cache: the kernels are really compiled, not read back from an earlier run.
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    running = {
+        plan: subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(plan[0]), plan[1],
+                                ",".join(map(str, plan[2]))],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for plan in _AOT_PLAN
+    }
+    results = {}
+    for plan, proc in running.items():
+        out, err = proc.communicate(timeout=1800)
+        results[plan] = (proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.parametrize("cap,io,d_states", _AOT_PLAN)
+def test_every_kernel_compiles_for_gpu(aot_results, cap, io, d_states):
+    returncode, out, err = aot_results[(cap, io, d_states)]
+    assert returncode == 0, err[-3000:]
+    compiled = json.loads(out.strip().splitlines()[-1])
+    expected = set()
+    for n in d_states:
+        for name in ("chunk_state", "scan_fwd", "bwd_chunk", "scan_bwd"):
+            expected.add(f"{name}[N={n}]/{io}")
+        for reverse in (False, True):
+            expected.add(f"chunk_carry[N={n},reverse={reverse}]/fp32")
+    for merge in (False, True):
+        expected.add(f"cross[merge={merge}]/{io}")
+    assert set(compiled) == expected
+    for label, info in compiled.items():
+        assert info["cubin_bytes"] > 1000, label
+        # Well inside the 228 KB of shared memory per SM on sm_90 (164 KB on sm_80).
+        assert info["shared"] < 64 * 1024, label
+
+
+def test_ss2d_core_with_triton_matches_torch_backend():
+    """The model's SS2D core (cross-scan, projections, scan, merge) through the Triton ops, fwd + bwd."""
+    gen = torch.Generator().manual_seed(12)
+    batch, d_inner, height, width, d_state, rank, k = 1, 4, 3, 5, 1, 2, 4
+    params = {
+        "x_proj_weight": torch.randn(k, rank + 2 * d_state, d_inner, generator=gen) * 0.5,
+        "dt_projs_weight": torch.randn(k, d_inner, rank, generator=gen) * 0.5,
+        "dt_projs_bias": torch.randn(k, d_inner, generator=gen) * 0.5,
+        "A_logs": torch.randn(k * d_inner, d_state, generator=gen) * 0.3,
+        "Ds": torch.randn(k * d_inner, generator=gen),
+    }
+    x = torch.randn(batch, d_inner, height, width, generator=gen)
+    g = torch.randn(batch, d_inner, height, width, generator=gen)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaves = {name: v.clone().requires_grad_(True) for name, v in {"x": x, **params}.items()}
+        out = kernels.cross_selective_scan(*leaves.values(), backend=backend)
+        (out * g).sum().backward()
+        results[backend] = (out.detach(), {name: v.grad for name, v in leaves.items()})
+    out_t, grads_t = results["triton"]
+    out_ref, grads_ref = results["torch"]
+    assert _relative_error(out_t, out_ref) <= 1e-5
+    for name, grad in grads_ref.items():
+        assert _relative_error(grads_t[name], grad) <= 1e-5, name
