@@ -1,0 +1,306 @@
+"""Effective receptive field: exact fields of known networks, the area measure, rendering, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from vmamba_cli.erf import (AREA_THRESHOLDS, InputSource, VMambaBackbone, average_erf, high_contribution_area,
+                            input_gradient_map, load_erf_maps, normalise_erf, panel_specs, prepare_backbone,
+                            render_erf, save_erf_maps)
+
+
+def conv_stack(n_layers: int, channels: int = 3, *, positive: bool, relu: bool = False, strides=None) -> nn.Module:
+    """3x3 'same' convolutions; with stride 1 everywhere the field is exactly 1 + 2 * n_layers wide."""
+    strides = strides or [1] * n_layers
+    layers: list[nn.Module] = []
+    for stride in strides:
+        conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=False)
+        if positive:  # equal weights: the centre is reached by the most paths
+            nn.init.constant_(conv.weight, 0.1)
+        layers.append(conv)
+        if relu:
+            layers.append(nn.ReLU())
+    return prepare_backbone(nn.Sequential(*layers))
+
+
+def noise(n: int, size: int, seed: int = 0, positive: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        x = torch.randn(1, 3, size, size, generator=g)
+        yield f"noise-{i}", (x.abs() + 0.1 if positive else x)
+
+
+def field_box(size: int, half_width: int) -> np.ndarray:
+    c = size // 2
+    inside = np.zeros((size, size), dtype=bool)
+    inside[c - half_width:c + half_width + 1, c - half_width:c + half_width + 1] = True
+    return inside
+
+
+# ------------------------------------------------------------------------------------------------
+# Maps of networks whose field is known by construction
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_layers", [1, 3, 5])
+def test_conv_stack_field_is_exactly_its_receptive_field(n_layers):
+    size = 33
+    erf = average_erf(conv_stack(n_layers, positive=True, relu=True), noise(2, size, positive=True))
+    inside = field_box(size, n_layers)  # RF side = 1 + 2 * n_layers
+    assert erf.used == 2 and erf.skipped_nonfinite == 0
+    assert np.all(erf.raw[~inside] == 0.0)
+    assert np.all(erf.raw[inside] > 0.0)
+    if n_layers > 1:  # one layer of equal weights is flat over its 3x3 field
+        centre = erf.raw[size // 2, size // 2]
+        assert centre == erf.raw.max() and np.count_nonzero(erf.raw == centre) == 1
+
+
+def test_signed_weights_never_leak_outside_the_field():
+    torch.manual_seed(1)
+    size, n_layers = 31, 4
+    grad_map = input_gradient_map(conv_stack(n_layers, positive=False), torch.randn(1, 3, size, size)).numpy()
+    inside = field_box(size, n_layers)
+    assert np.all(grad_map[~inside] == 0.0)
+    assert np.count_nonzero(grad_map[inside]) > inside.sum() // 2  # ReLU(grad) zeroes some, not most
+
+
+def tiny_vmamba(dims=(8, 16), depths=(1, 1)):
+    from vmamba_cli.model import VMambaConfig, VSSM
+
+    torch.manual_seed(0)
+    model = VSSM(VMambaConfig(dims=dims, depths=depths, num_classes=0, drop_path_rate=0.0))
+    return prepare_backbone(VMambaBackbone(model.set_scan_backend("torch")))
+
+
+def test_tiny_vmamba_field_is_global_while_a_cnn_of_its_depth_is_local():
+    size = 128
+    # The CNN mirrors the tiny VMamba's convolutions: two stride-2 stem convs, the depthwise conv of
+    # block 1, the stride-2 downsample, the depthwise conv of block 2 (field 39 px, half-width 19).
+    cnn = conv_stack(5, positive=False, relu=True, strides=[2, 2, 1, 2, 1])
+    far = ~field_box(size, 32)
+    cnn_map = average_erf(cnn, noise(2, size)).raw
+    vmamba_map = average_erf(tiny_vmamba(), noise(2, size)).raw
+    assert np.all(cnn_map[far] == 0.0)
+    assert np.count_nonzero(cnn_map) > 0
+    # the four-direction selective scan links every token to the centre
+    assert np.count_nonzero(vmamba_map[far]) > 0.8 * far.sum()
+    for corner in (vmamba_map[:8, :8], vmamba_map[:8, -8:], vmamba_map[-8:, :8], vmamba_map[-8:, -8:]):
+        assert corner.max() > 0.0
+
+
+def test_four_stage_tiny_vmamba_runs_and_keeps_the_input_shape():
+    grad_map = input_gradient_map(tiny_vmamba((8, 16, 32, 64), (1, 1, 1, 1)), torch.randn(1, 3, 64, 64))
+    assert grad_map.shape == (64, 64)
+    assert torch.isfinite(grad_map).all() and grad_map.max() > 0
+
+
+class NaNOnBright(nn.Module):
+    """Identity-ish backbone that poisons its output (hence the gradient) for bright inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * torch.nan if x.mean() > 10 else y
+
+
+def test_nan_maps_are_skipped_counted_and_not_averaged():
+    backbone = prepare_backbone(NaNOnBright())
+    torch.manual_seed(0)
+    good = [torch.randn(1, 3, 16, 16) for _ in range(3)]
+    inputs = [("a", good[0]), ("bright", good[1] + 100), ("b", good[2]), ("c", good[1])]
+    seen = []
+    erf = average_erf(backbone, inputs, num_images=2, on_image=lambda name, ok: seen.append((name, ok)))
+    assert (erf.used, erf.skipped_nonfinite, erf.skipped_names) == (2, 1, ["bright"])
+    assert seen == [("a", True), ("bright", False), ("b", True)]  # stops once 2 maps are averaged
+    expected = (input_gradient_map(backbone, good[0]).double() + input_gradient_map(backbone, good[2]).double()) / 2
+    np.testing.assert_allclose(erf.raw, expected.numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match="NaN"):
+        average_erf(backbone, [("bright", good[0] + 100)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalisation and the high-contribution area
+# ------------------------------------------------------------------------------------------------
+
+def test_normalisations():
+    np.testing.assert_allclose(normalise_erf(np.array([0.0, 1.0, 32.0]), "pow"), [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(normalise_erf(np.array([0.0, 9.0, 99.0]), "log"), [0.0, 0.5, 1.0])
+    with pytest.raises(ValueError):
+        normalise_erf(np.ones(3), "sqrt")
+
+
+def replknet_get_rectangle(data, thresh):
+    """The loop of RepLKNet's erf/analyze_erf.py, started at i = 0 (the oracle)."""
+    h, w = data.shape
+    all_sum = np.sum(data)
+    for i in range(0, h // 2):
+        area_sum = np.sum(data[h // 2 - i:h // 2 + 1 + i, w // 2 - i:w // 2 + 1 + i])
+        if area_sum / all_sum > thresh:
+            return i * 2 + 1, (i * 2 + 1) / h * (i * 2 + 1) / w
+    return None
+
+
+def test_area_of_a_uniform_square_has_the_known_answer():
+    data = np.zeros((21, 21))
+    data[8:13, 8:13] = 1.0  # 5x5 block around the centre (10, 10): squares of side 1, 3, 5 hold 1, 9, 25 of 25
+    got = {a.threshold: (a.side, a.area_ratio) for a in high_contribution_area(data, (0.03, 0.2, 0.3, 0.36, 0.5, 0.99))}
+    assert got[0.03] == (1, 1 / 441)
+    assert got[0.2] == got[0.3] == (3, 9 / 441)
+    assert got[0.36] == (5, 25 / 441)  # 9/25 = 0.36 exactly is not "more than" 0.36
+    assert got[0.5] == got[0.99] == (5, 25 / 441)
+
+
+def test_area_matches_the_replknet_loop_on_random_maps():
+    rng = np.random.default_rng(0)
+    for shape in ((64, 64), (33, 33), (40, 40)):
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        data = rng.random(shape) * np.exp(-((yy - shape[0] // 2) ** 2 + (xx - shape[1] // 2) ** 2) / 60.0)
+        for area in high_contribution_area(data, AREA_THRESHOLDS):
+            expected = replknet_get_rectangle(data, area.threshold)
+            assert expected is not None
+            assert (area.side, area.area_ratio) == pytest.approx(expected)
+
+
+def test_area_falls_back_to_the_whole_map_when_no_centred_square_is_enough():
+    data = np.zeros((16, 16))
+    data[0, :] = 1.0  # even size: the first row lies outside every centred odd square
+    assert [(a.side, a.area_ratio) for a in high_contribution_area(data, (0.5,))] == [(16, 1.0)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering and saving
+# ------------------------------------------------------------------------------------------------
+
+def test_png_is_written_readable_sized_and_not_blank(tmp_path):
+    from PIL import Image
+
+    yy, xx = np.mgrid[:64, :64]
+    peaked = normalise_erf(np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 50.0) * 100, "pow")
+    flat = normalise_erf(np.ones((64, 64)), "pow") * 0.3
+    out = render_erf([("peaked", peaked), ("flat", flat)], tmp_path / "erf.png", panel_inches=3.0, dpi=50)
+    assert [p.name for p in tmp_path.iterdir()] == ["erf.png"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not the 0600 of the temporary file
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        assert im.size == (round((3.0 * 2 + 0.9) * 50), round((3.0 + 0.5) * 50))
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50
+    greens = (pixels[:, 1].astype(int) - pixels[:, 0]) > 60  # RdYlGn's green end marks the peak
+    assert greens.sum() > 20
+
+
+def test_raw_maps_round_trip_npy_and_safetensors(tmp_path):
+    maps = [("a (fresh init)", np.arange(16.0).reshape(4, 4)), ("b", np.ones((4, 4)))]
+    one = load_erf_maps(save_erf_maps(tmp_path / "one.npy", maps[:1]))
+    np.testing.assert_array_equal(one["map"], maps[0][1])
+    both = load_erf_maps(save_erf_maps(tmp_path / "both.npy", maps))
+    np.testing.assert_array_equal(both["map-1"], maps[1][1])
+    named = load_erf_maps(save_erf_maps(tmp_path / "maps.safetensors", maps, {"resolution": 4}))
+    assert set(named) == {"a (fresh init)", "b"}
+    np.testing.assert_array_equal(named["a (fresh init)"], maps[0][1])
+    with pytest.raises(ValueError, match="npy or .safetensors"):
+        save_erf_maps(tmp_path / "maps.txt", maps)
+
+
+def test_panel_specs():
+    specs = panel_specs(["vmamba-tiny"], ["w.pth"], before_after=True, compare=["resnet50", "swin_t"])
+    assert [(s.kind, s.weights, s.init_like) for s in specs] == [
+        ("vmamba", None, "w.pth"), ("vmamba", "w.pth", None), ("torchvision", None, None), ("torchvision", None, None)]
+    assert len({s.title for s in specs}) == 4
+    assert len({s.title for s in panel_specs(["vmamba-tiny", "vmamba-tiny"])}) == 2
+    with pytest.raises(ValueError, match="--weights"):
+        panel_specs(["vmamba-tiny"], before_after=True)
+    with pytest.raises(ValueError, match="vit_b_16"):
+        panel_specs(["vmamba-tiny"], compare=["vit_b_16"])
+
+
+def test_builtin_photos_load_offline_at_the_requested_size():
+    source = InputSource("builtin", resolution=48)
+    first = [item for _, item in zip(range(2), source.iterate())]
+    assert source.available >= 12
+    for name, x in first:
+        assert x.shape == (1, 3, 48, 48) and x.std() > 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A small VMamba saved in our format, weights moved off the fresh init."""
+    from vmamba_cli.model import VMambaConfig, VSSM
+    from vmamba_cli.weights import save_model
+
+    torch.manual_seed(3)
+    trained = VSSM(VMambaConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_model(tmp_path_factory.mktemp("weights") / "tiny.safetensors", trained)
+
+
+def test_cli_json_schema_and_outputs(tmp_path, tiny_weights):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vmamba_cli.cli import app
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+
+    out, maps = tmp_path / "erf.png", tmp_path / "maps.npy"
+    result = CliRunner().invoke(app, [
+        "erf", "--weights", str(tiny_weights), "--before-after", "--images", str(tmp_path / "imgs"),
+        "--resolution", "64", "--num-images", "5", "--compare", "resnet18", "--out", str(out),
+        "--save-map", str(maps), "--norm", "log", "--json"])
+    assert result.exit_code == 1, result.output  # the broken file is reported, the rest still processed
+    assert "broken.jpg" in result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["resolution"] == 64 and doc["norm"] == "log" and doc["inputs"] == "folder"
+    assert doc["num_images_requested"] == 5 and len(doc["errors"]) == 1
+    assert [p["kind"] for p in doc["panels"]] == ["vmamba", "vmamba", "torchvision"]
+    raw = np.load(maps)
+    assert raw.shape == (3, 64, 64)
+    for panel, panel_raw in zip(doc["panels"], raw):
+        assert panel["images_used"] == 2 and panel["images_skipped_nan"] == 0
+        assert panel["map_shape"] == [64, 64]
+        assert [a["threshold"] for a in panel["area"]] == list(AREA_THRESHOLDS)
+        recomputed = high_contribution_area(normalise_erf(panel_raw, "log"))
+        assert [a["side"] for a in panel["area"]] == [a.side for a in recomputed]
+        assert panel["raw_max"] == pytest.approx(float(panel_raw.max()), rel=1e-6)
+    assert not np.allclose(raw[0], raw[1])  # trained weights change the map
+    with Image.open(out) as im:
+        assert im.size[0] > 2 * im.size[1]  # three panels side by side
+
+
+def test_cli_compare_takes_space_separated_names_and_noise(tmp_path, tiny_weights):
+    from typer.testing import CliRunner
+
+    from vmamba_cli.cli import app
+
+    result = CliRunner().invoke(app, ["erf", "--noise", "--resolution", "64", "--num-images", "1",
+                                      "--weights", str(tiny_weights), "--out", str(tmp_path / "e.png"),
+                                      "--save-map", str(tmp_path / "m.safetensors"), "--json",
+                                      "--compare", "resnet18", "resnet18"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [p["model"] for p in doc["panels"]] == ["custom", "resnet18", "resnet18"]
+    assert doc["inputs"] == "noise" and doc["errors"] == []
+    assert set(load_erf_maps(tmp_path / "m.safetensors")) == {p["title"] for p in doc["panels"]}
+    bad = CliRunner().invoke(app, ["erf", "--norm", "sqrt", "--out", str(tmp_path / "x.png")])
+    assert bad.exit_code == 1 and "--norm" in bad.stderr and "Traceback" not in bad.output
+    assert not (tmp_path / "x.png").exists()

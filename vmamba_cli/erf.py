@@ -1,0 +1,630 @@
+"""Effective receptive field (ERF): gradient maps, their average, normalisation, measures and plots.
+
+The method is the one of RepLKNet and the VMamba paper (spec §8)::
+
+    out    = backbone(x)                         # last-stage NCHW map, no classifier
+    score  = sum_c ReLU(out[:, c, h // 2, w // 2])
+    map    = sum_rgb ReLU(d score / d x)         # (H, W), one per image
+    ERF    = mean of the maps over N images      # maps with NaN/inf are skipped and counted
+
+For display the averaged map is normalised per model, either as in the VMamba paper ("pow":
+``map ** 0.2 / max``) or as in RepLKNet ("log": ``log10(map + 1) / max``), and drawn with the
+'RdYlGn' colormap centred at 0 on one colour scale shared by all panels. The "high-contribution
+area" (RepLKNet's ``get_rectangle``) is the smallest centred square holding more than a given
+fraction of the map's total.
+
+Everything here is plain Python; ``vmamba erf`` only parses options and prints.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+DEFAULT_RESOLUTION = 1024
+DEFAULT_NUM_IMAGES = 50
+AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+NORMS = ("pow", "log")
+COLORMAP = "RdYlGn"
+
+# torchvision families whose last feature stage we know how to take (see TorchvisionBackbone).
+TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet", "convnext", "swin")
+
+
+# ------------------------------------------------------------------------------------------------
+# Backbones: image -> last-stage NCHW feature map
+# ------------------------------------------------------------------------------------------------
+
+class VMambaBackbone(nn.Module):
+    """A VSSM without its classifier: stem and every stage, last stage's NCHW map out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)[-1]
+
+
+class TorchvisionBackbone(nn.Module):
+    """The last feature stage of a torchvision classifier, as NCHW.
+
+    ResNets: stem and layer1..layer4. ConvNeXt: ``features``. Swin: ``features`` (NHWC there),
+    permuted to NCHW. Built with random weights: pretrained ones would need a download.
+    """
+
+    def __init__(self, name: str):
+        super().__init__()
+        import torchvision.models as tvm
+
+        family = torchvision_family(name)
+        try:
+            net = tvm.get_model(name, weights=None)
+        except ValueError:
+            raise ValueError(f"unknown torchvision model {name!r}") from None
+        self.name, self.family = name, family
+        if family in ("resnet", "resnext", "wide_resnet"):
+            self.features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                          net.layer1, net.layer2, net.layer3, net.layer4)
+        else:
+            self.features = net.features
+        self.channels_last = family == "swin"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.features(x)
+        return y.permute(0, 3, 1, 2) if self.channels_last else y
+
+
+def torchvision_family(name: str) -> str:
+    """The family of a torchvision model name we can take a feature map from, or ValueError."""
+    for family in TORCHVISION_FAMILIES:
+        if name.lower().startswith(family):
+            return family
+    raise ValueError(f"--compare supports torchvision ResNet/ResNeXt/Wide-ResNet, ConvNeXt and Swin models, "
+                     f"not {name!r} (e.g. resnet50, convnext_tiny, swin_t)")
+
+
+def prepare_backbone(backbone: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Eval mode, on ``device``, parameters frozen: only the input gradient is wanted, and frozen
+    weights let autograd skip every weight-gradient product."""
+    return backbone.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# One map, and the average over many inputs
+# ------------------------------------------------------------------------------------------------
+
+def input_gradient_map(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """ERF map of one input batch: (H, W) float32 tensor, sum over batch and colour of ReLU(grad).
+
+    The score is the sum over channels of the ReLU'd feature vector at the central position
+    (h // 2, w // 2) of the backbone output. The autograd graph is freed before returning.
+    """
+    x = x.detach().requires_grad_(True)
+    out = backbone(x)
+    if out.dim() != 4:
+        raise ValueError(f"backbone must return an (N, C, H, W) map, got shape {tuple(out.shape)}")
+    h, w = out.shape[-2:]
+    score = torch.relu(out[:, :, h // 2, w // 2]).sum()
+    (grad,) = torch.autograd.grad(score, x)
+    return torch.relu(grad).sum(dim=(0, 1)).detach()
+
+
+@dataclass
+class ERFMap:
+    """Averaged ERF of one model, with the bookkeeping of how it was made."""
+
+    raw: np.ndarray                  # (H, W) float64 mean of the per-image maps, un-normalised
+    used: int                        # images averaged
+    skipped_nonfinite: int           # images whose map had NaN/inf (left out of the mean)
+    seconds: float                   # wall time for all images (forward + backward)
+    skipped_names: list[str] = field(default_factory=list)
+
+    @property
+    def seconds_per_image(self) -> float | None:
+        done = self.used + self.skipped_nonfinite
+        return self.seconds / done if done else None
+
+
+def average_erf(backbone: Callable[[torch.Tensor], torch.Tensor],
+                inputs: Iterable[tuple[str, torch.Tensor]], num_images: int | None = None, *,
+                device: torch.device | str | None = None,
+                on_image: Callable[[str, bool], None] | None = None) -> ERFMap:
+    """Mean ERF map over ``inputs`` ((name, (1, 3, H, W) tensor) pairs).
+
+    Inputs are consumed until ``num_images`` finite maps have been averaged (or the inputs run
+    out); maps containing NaN or inf are skipped, counted and named. ``on_image(name, used)``
+    is called after each input (for progress bars).
+    """
+    total: torch.Tensor | None = None
+    used = skipped = 0
+    skipped_names: list[str] = []
+    start = time.perf_counter()
+    for name, x in inputs:
+        if num_images is not None and used >= num_images:
+            break
+        if device is not None:
+            x = x.to(device)
+        grad_map = input_gradient_map(backbone, x).double()
+        ok = bool(torch.isfinite(grad_map).all())
+        if ok:
+            total = grad_map if total is None else total + grad_map
+            used += 1
+        else:
+            skipped += 1
+            skipped_names.append(name)
+        del grad_map, x
+        if on_image is not None:
+            on_image(name, ok)
+    seconds = time.perf_counter() - start
+    if total is None:
+        raise ValueError(f"no usable ERF map: {skipped} input(s) gave NaN/inf maps" if skipped
+                         else "no input images")
+    return ERFMap((total / used).cpu().numpy(), used, skipped, seconds, skipped_names)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: real photos shipped in installed packages, an image folder, or Gaussian noise
+# ------------------------------------------------------------------------------------------------
+
+def _skimage(name: str):
+    def load():
+        import skimage.data
+
+        return getattr(skimage.data, name)()
+    return load
+
+
+def _motorcycle(index: int):
+    def load():
+        import skimage.data
+
+        return skimage.data.stereo_motorcycle()[index]
+    return load
+
+
+def _sklearn(filename: str):
+    def load():
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(filename)
+    return load
+
+
+def _matplotlib(filename: str):
+    def load():
+        from matplotlib import cbook
+        from PIL import Image
+
+        with Image.open(cbook.get_sample_data(filename, asfileobj=False)) as im:
+            return np.asarray(im.convert("RGB"))
+    return load
+
+
+# Real photographs that ship inside scikit-image, scikit-learn and matplotlib wheels and load
+# without a network (machine-facts §2b). Colour first; the grey ones are repeated over RGB.
+BUILTIN_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
+    "astronaut": _skimage("astronaut"),
+    "chelsea": _skimage("chelsea"),
+    "coffee": _skimage("coffee"),
+    "rocket": _skimage("rocket"),
+    "hubble_deep_field": _skimage("hubble_deep_field"),
+    "immunohistochemistry": _skimage("immunohistochemistry"),
+    "retina": _skimage("retina"),
+    "motorcycle_left": _motorcycle(0),
+    "motorcycle_right": _motorcycle(1),
+    "china": _sklearn("china.jpg"),
+    "flower": _sklearn("flower.jpg"),
+    "grace_hopper": _matplotlib("grace_hopper.jpg"),
+    "camera": _skimage("camera"),
+    "coins": _skimage("coins"),
+    "moon": _skimage("moon"),
+    "clock": _skimage("clock"),
+    "cell": _skimage("cell"),
+    "grass": _skimage("grass"),
+    "gravel": _skimage("gravel"),
+    "brick": _skimage("brick"),
+}
+
+
+def builtin_photo(name: str):
+    """One of BUILTIN_PHOTOS as an RGB PIL image."""
+    from PIL import Image
+
+    array = BUILTIN_PHOTOS[name]()
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(array[:, :, :3]).astype(np.uint8), mode="RGB")
+
+
+def erf_transform(resolution: int = DEFAULT_RESOLUTION):
+    """Resize the short side to ``resolution`` (bicubic), center-crop it, ImageNet mean/std."""
+    from vmamba_cli.data import eval_transform
+
+    return eval_transform(resolution, crop_pct=1.0)
+
+
+@dataclass
+class InputSource:
+    """Where ERF inputs come from; ``iterate()`` gives a fresh stream of (name, (1,3,R,R) tensor).
+
+    ``kind`` is "builtin", "folder" or "noise". Unreadable files are reported through
+    ``on_error(message)`` and skipped.
+    """
+
+    kind: str
+    resolution: int = DEFAULT_RESOLUTION
+    files: list[Path] = field(default_factory=list)
+    seed: int = 0
+    noise_count: int = DEFAULT_NUM_IMAGES
+
+    @property
+    def available(self) -> int:
+        return {"builtin": len(BUILTIN_PHOTOS), "folder": len(self.files), "noise": self.noise_count}[self.kind]
+
+    def describe(self) -> str:
+        if self.kind == "builtin":
+            return f"{len(BUILTIN_PHOTOS)} built-in photos (scikit-image, scikit-learn, matplotlib)"
+        if self.kind == "noise":
+            return f"Gaussian noise N(0, 1) in normalised input space, seed {self.seed}"
+        return f"{len(self.files)} image file(s)"
+
+    def iterate(self, on_error: Callable[[str], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.kind == "noise":
+            generator = torch.Generator().manual_seed(self.seed)
+            for i in range(self.noise_count):
+                yield f"noise-{i}", torch.randn(1, 3, self.resolution, self.resolution, generator=generator)
+            return
+        transform = erf_transform(self.resolution)
+        if self.kind == "builtin":
+            for name in BUILTIN_PHOTOS:
+                yield name, transform(builtin_photo(name))[None]
+            return
+        from vmamba_cli.data import ImageError, load_image
+
+        for path in self.files:
+            try:
+                image = load_image(path)
+            except ImageError as exc:
+                if on_error is not None:
+                    on_error(str(exc))
+                continue
+            yield str(path), transform(image)[None]
+
+
+def folder_source(paths: Sequence[str | os.PathLike], resolution: int = DEFAULT_RESOLUTION
+                  ) -> tuple[InputSource, list[str]]:
+    """InputSource over files/folders/globs, plus one-line errors for inputs that matched nothing."""
+    from vmamba_cli.data import find_images
+
+    scan = find_images(paths)
+    return InputSource("folder", resolution, files=list(scan.files)), [str(e) for e in scan.errors]
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalisation and the high-contribution area
+# ------------------------------------------------------------------------------------------------
+
+def normalise_erf(raw: np.ndarray, norm: str = "pow") -> np.ndarray:
+    """Display normalisation: "pow" (VMamba: map**0.2 / max) or "log" (RepLKNet: log10(map+1) / max)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if norm == "pow":
+        data = np.power(np.clip(raw, 0, None), 0.2)
+    elif norm == "log":
+        data = np.log10(np.clip(raw, 0, None) + 1.0)
+    else:
+        raise ValueError(f"unknown normalisation {norm!r}; choose from {', '.join(NORMS)}")
+    top = float(data.max()) if data.size else 0.0
+    return data / top if top > 0 else data
+
+
+@dataclass(frozen=True)
+class AreaRatio:
+    threshold: float
+    side: int                 # side of the smallest centred square holding > threshold of the total
+    area_ratio: float         # side * side / (H * W)
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "side": self.side, "area_ratio": self.area_ratio}
+
+
+def high_contribution_area(data: np.ndarray, thresholds: Sequence[float] = AREA_THRESHOLDS) -> list[AreaRatio]:
+    """RepLKNet's ``get_rectangle`` for each threshold: the smallest square centred at
+    (H // 2, W // 2), of odd side 2i + 1, whose sum is more than ``threshold`` of the map's total.
+
+    Unlike RepLKNet this starts at i = 0 (a single pixel) and, when no centred square inside the
+    map is enough (even sizes leave the first row/column out), answers with the whole map
+    (side max(H, W), ratio 1). Sums use an integral image, so all sizes cost one pass.
+    """
+    data = np.asarray(data, dtype=np.float64)
+    if data.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {data.shape}")
+    h, w = data.shape
+    total = float(data.sum())
+    integral = np.zeros((h + 1, w + 1))
+    integral[1:, 1:] = data.cumsum(0).cumsum(1)
+    cy, cx = h // 2, w // 2
+    radii = np.arange(0, min(cy, h - 1 - cy, cx, w - 1 - cx) + 1)
+    top, bottom, left, right = cy - radii, cy + radii + 1, cx - radii, cx + radii + 1
+    sums = integral[bottom, right] - integral[top, right] - integral[bottom, left] + integral[top, left]
+    results = []
+    for threshold in thresholds:
+        if total <= 0:
+            hits = np.array([], dtype=int)
+        else:
+            hits = np.nonzero(sums / total > threshold)[0]
+        if hits.size:
+            side = int(2 * radii[hits[0]] + 1)
+            results.append(AreaRatio(float(threshold), side, side * side / (h * w)))
+        else:
+            results.append(AreaRatio(float(threshold), max(h, w), 1.0))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering and saving
+# ------------------------------------------------------------------------------------------------
+
+def _usual_permissions(path: Path) -> Path:
+    """atomic_write's temporary file is created 0600 (mkstemp); give the result the mode a plain
+    ``open()`` would (0666 less the umask), since heat maps and saved maps are meant to be shared."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return path
+
+
+def centred_colormap(vmin: float, vmax: float, center: float = 0.0, name: str = COLORMAP):
+    """The part of a diverging colormap that seaborn's ``heatmap(center=...)`` shows for [vmin, vmax]:
+    the colormap spans center +- the larger half-range, so a map in [0, 1] with center 0 uses the
+    yellow-to-green half of RdYlGn (as in the RepLKNet and VMamba figures)."""
+    import matplotlib
+    from matplotlib.colors import ListedColormap, Normalize
+
+    half = max(vmax - center, center - vmin) or 1.0
+    lo, hi = Normalize(center - half, center + half)([vmin, vmax])
+    return ListedColormap(matplotlib.colormaps[name](np.linspace(lo, hi, 256)))
+
+
+def render_erf(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike, *,
+               colorbar_label: str = "", panel_inches: float = 4.0, dpi: int = 100) -> Path:
+    """Heat maps side by side (one per (title, normalised map)), one colour scale and colour bar.
+
+    Written atomically as PNG (or whatever matplotlib infers from the suffix).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from vmamba_cli.weights import atomic_write
+
+    if not panels:
+        raise ValueError("nothing to render")
+    vmin = min(float(np.nanmin(m)) for _, m in panels)
+    vmax = max(float(np.nanmax(m)) for _, m in panels)
+    if vmax <= vmin:
+        vmax = vmin + 1.0
+    cmap = centred_colormap(vmin, vmax)
+    n = len(panels)
+    # A bare Figure on the Agg canvas: no pyplot state, no GUI backend, safe in threads and tests.
+    fig = Figure(figsize=(panel_inches * n + 0.9, panel_inches + 0.5), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    image = None
+    for ax, (title, data) in zip(axes, panels):
+        image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="antialiased")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    bar = fig.colorbar(image, ax=list(axes), fraction=0.05 / max(1, n) ** 0.5, pad=0.02, shrink=0.9)
+    bar.outline.set_visible(False)
+    if colorbar_label:
+        bar.set_label(colorbar_label)
+    suffix = Path(path).suffix.lstrip(".").lower() or "png"
+    return _usual_permissions(atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix)))
+
+
+def save_erf_maps(path: str | os.PathLike, maps: Sequence[tuple[str, np.ndarray]],
+                  metadata: dict | None = None) -> Path:
+    """Save raw (un-normalised) maps: ``.npy`` (one map (H, W), several stacked (P, H, W) in panel
+    order) or ``.safetensors`` (one float32 tensor per panel title, metadata as JSON strings)."""
+    from vmamba_cli.weights import atomic_write
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        arrays = [np.asarray(m, dtype=np.float32) for _, m in maps]
+        stacked = arrays[0] if len(arrays) == 1 else np.stack(arrays)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, stacked)
+        return _usual_permissions(atomic_write(path, write))
+    if suffix == ".safetensors":
+        from vmamba_cli.weights import save_weights
+
+        tensors = {title: torch.from_numpy(np.asarray(m, dtype=np.float32)) for title, m in maps}
+        if len(tensors) != len(maps):
+            raise ValueError("panel titles must be unique to save them as safetensors keys")
+        return _usual_permissions(save_weights(path, tensors, {"content": "vmamba erf raw maps", **(metadata or {})}))
+    raise ValueError(f"{path}: --save-map must end in .npy or .safetensors")
+
+
+def load_erf_maps(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read back what ``save_erf_maps`` wrote ("map" or "map-<i>" keys for .npy files)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        data = np.load(path)
+        return {"map": data} if data.ndim == 2 else {f"map-{i}": m for i, m in enumerate(data)}
+    from safetensors.numpy import load_file
+
+    return dict(load_file(str(path)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole command as one call
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class PanelSpec:
+    """One heat map to compute: a VMamba (registered name + weights, or fresh init) or a
+    torchvision model (random weights)."""
+
+    title: str
+    kind: str                          # "vmamba" | "torchvision"
+    model: str | None                  # None: the architecture of ``weights`` (default vmamba-tiny)
+    weights: str | None = None
+    ema: bool = False
+    init_like: str | None = None       # fresh init of the architecture these weights describe
+
+
+@dataclass
+class PanelResult:
+    spec: PanelSpec
+    erf: ERFMap
+    normalised: np.ndarray
+    areas: list[AreaRatio]
+    model_name: str                    # resolved registry name, or the torchvision name
+
+    def to_dict(self) -> dict:
+        e = self.erf
+        return {
+            "title": self.spec.title, "kind": self.spec.kind, "model": self.model_name,
+            "weights": self.spec.weights,
+            "images_used": e.used, "images_skipped_nan": e.skipped_nonfinite,
+            "skipped_names": e.skipped_names,
+            "seconds": round(e.seconds, 3),
+            "seconds_per_image": None if e.seconds_per_image is None else round(e.seconds_per_image, 3),
+            "map_shape": list(e.raw.shape),
+            "raw_max": float(e.raw.max()), "raw_sum": float(e.raw.sum()),
+            "raw_center": float(e.raw[e.raw.shape[0] // 2, e.raw.shape[1] // 2]),
+            "area": [a.to_dict() for a in self.areas],
+        }
+
+
+def build_backbone(spec: PanelSpec, *, seed: int = 0, scan_backend: str = "auto") -> tuple[nn.Module, str]:
+    """The backbone for a panel and its resolved model name. Random inits are seeded by ``seed``."""
+    from vmamba_cli.weights import load_model
+
+    if spec.kind == "torchvision":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return TorchvisionBackbone(spec.model), spec.model
+    if spec.init_like is not None:
+        # "before" of --before-after: same architecture as the trained weights, official init
+        template = load_model(spec.model, spec.init_like, ema=spec.ema)
+        name, config, model_class = template.name, template.model.config, type(template.model)
+        del template
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model_class(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded = load_model(spec.model, spec.weights, ema=spec.ema)
+        model, name = loaded.model, loaded.name
+    if scan_backend != "auto" and hasattr(model, "set_scan_backend"):
+        model.set_scan_backend(scan_backend)
+    return VMambaBackbone(model), name
+
+
+def panel_specs(models: Sequence[str | None], weights: Sequence[str] = (), *, before_after: bool = False,
+                compare: Sequence[str] = (), ema: bool = False) -> list[PanelSpec]:
+    """Panels for the CLI's options: each --model (with its --weights, or fresh init), both states
+    with ``before_after``, then each --compare torchvision model. A model of None takes the
+    architecture of its weights (vmamba-tiny without weights)."""
+    models = list(models) or [None]
+    if weights and len(weights) != len(models):
+        raise ValueError(f"give one --weights per --model ({len(models)} model(s), {len(weights)} weights)")
+    if before_after and not weights:
+        raise ValueError("--before-after compares the fresh init with trained weights: give --weights")
+    for name in compare:
+        torchvision_family(name)
+    specs = []
+    for i, model in enumerate(models):
+        w = weights[i] if weights else None
+        if w is None:
+            specs.append(PanelSpec(f"{model or 'vmamba-tiny'} (fresh init)", "vmamba", model or "vmamba-tiny"))
+            continue
+        label = model or Path(w).stem
+        if before_after:
+            specs.append(PanelSpec(f"{label} (fresh init)", "vmamba", model, None, ema, init_like=w))
+        specs.append(PanelSpec(f"{label} ({Path(w).name})", "vmamba", model, w, ema))
+    for name in compare:
+        specs.append(PanelSpec(f"{name} (random init)", "torchvision", name))
+    titles = [s.title for s in specs]
+    for i, s in enumerate(specs):  # repeated models get numbered titles (safetensors keys must differ)
+        if titles.count(s.title) > 1:
+            s.title = f"{s.title} #{titles[:i + 1].count(s.title)}"
+    return specs
+
+
+def compute_panels(specs: Sequence[PanelSpec], source: InputSource, *, num_images: int = DEFAULT_NUM_IMAGES,
+                   norm: str = "pow", thresholds: Sequence[float] = AREA_THRESHOLDS,
+                   device: torch.device | str = "cpu", seed: int = 0, scan_backend: str = "auto",
+                   on_panel_start: Callable[[PanelSpec, int], None] | None = None,
+                   on_image: Callable[[str, bool], None] | None = None,
+                   on_error: Callable[[str], None] | None = None) -> list[PanelResult]:
+    """Average ERF maps for every panel over the same inputs; normalise and measure each.
+
+    ``on_panel_start(spec, expected_images)``, ``on_image(name, used)`` and ``on_error(message)``
+    report progress (unreadable images are reported once, for the first panel).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown normalisation {norm!r}; choose from {', '.join(NORMS)}")
+    if num_images < 1:
+        raise ValueError("--num-images must be at least 1")
+    if scan_backend != "auto":
+        from vmamba_cli.kernels import resolve_backend
+
+        try:
+            resolve_backend(scan_backend, torch.device(device))
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
+    results = []
+    for index, spec in enumerate(specs):
+        backbone, name = build_backbone(spec, seed=seed, scan_backend=scan_backend)
+        backbone = prepare_backbone(backbone, device)
+        if on_panel_start is not None:
+            on_panel_start(spec, min(num_images, source.available))
+        errors = on_error if index == 0 else None
+        erf = average_erf(backbone, source.iterate(errors), num_images, device=device, on_image=on_image)
+        del backbone
+        normalised = normalise_erf(erf.raw, norm)
+        results.append(PanelResult(spec, erf, normalised, high_contribution_area(normalised, thresholds), name))
+    return results
+
+
+NORM_LABELS = {"pow": "(ERF ** 0.2) / max", "log": "log10(ERF + 1) / max"}
+
+
+def erf_report(results: Sequence[PanelResult], source: InputSource, *, norm: str, num_images: int,
+               out: str | None, map_file: str | None, errors: Sequence[str] = ()) -> dict:
+    """The JSON document of ``vmamba erf --json``."""
+    return {
+        "resolution": source.resolution,
+        "inputs": source.kind,
+        "inputs_description": source.describe(),
+        "num_images_requested": num_images,
+        "norm": norm,
+        "area_measured_on": NORM_LABELS[norm],
+        "out": out,
+        "map_file": map_file,
+        "panels": [r.to_dict() for r in results],
+        "errors": list(errors),
+    }
+
+
+__all__ = [
+    "AREA_THRESHOLDS", "BUILTIN_PHOTOS", "DEFAULT_NUM_IMAGES", "DEFAULT_RESOLUTION", "NORMS",
+    "AreaRatio", "ERFMap", "InputSource", "PanelResult", "PanelSpec", "TorchvisionBackbone", "VMambaBackbone",
+    "average_erf", "build_backbone", "builtin_photo", "centred_colormap", "compute_panels", "erf_report",
+    "erf_transform", "folder_source", "high_contribution_area", "input_gradient_map", "load_erf_maps",
+    "normalise_erf", "panel_specs", "prepare_backbone", "render_erf", "save_erf_maps", "torchvision_family",
+]
