@@ -1,5 +1,6 @@
 """Loading weights: official .pth layout, legacy v0 names, restricted unpickling, clear errors."""
 
+import os
 import re
 import sys
 import textwrap
@@ -154,6 +155,9 @@ def test_safetensors_round_trip_with_metadata(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.model.eval()(x), model(x))
     assert not list(tmp_path.glob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -372,15 +372,6 @@ def high_contribution_area(data: np.ndarray, thresholds: Sequence[float] = AREA_
 # Rendering and saving
 # ------------------------------------------------------------------------------------------------
 
-def _usual_permissions(path: Path) -> Path:
-    """atomic_write's temporary file is created 0600 (mkstemp); give the result the mode a plain
-    ``open()`` would (0666 less the umask), since heat maps and saved maps are meant to be shared."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-    return path
-
-
 def centred_colormap(vmin: float, vmax: float, center: float = 0.0, name: str = COLORMAP):
     """The part of a diverging colormap that seaborn's ``heatmap(center=...)`` shows for [vmin, vmax]:
     the colormap spans center +- the larger half-range, so a map in [0, 1] with center 0 uses the
@@ -427,7 +418,7 @@ def render_erf(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike
     if colorbar_label:
         bar.set_label(colorbar_label)
     suffix = Path(path).suffix.lstrip(".").lower() or "png"
-    return _usual_permissions(atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix)))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix))
 
 
 def save_erf_maps(path: str | os.PathLike, maps: Sequence[tuple[str, np.ndarray]],
@@ -445,14 +436,14 @@ def save_erf_maps(path: str | os.PathLike, maps: Sequence[tuple[str, np.ndarray]
         def write(tmp):
             with open(tmp, "wb") as f:
                 np.save(f, stacked)
-        return _usual_permissions(atomic_write(path, write))
+        return atomic_write(path, write)
     if suffix == ".safetensors":
         from vmamba_cli.weights import save_weights
 
         tensors = {title: torch.from_numpy(np.asarray(m, dtype=np.float32)) for title, m in maps}
         if len(tensors) != len(maps):
             raise ValueError("panel titles must be unique to save them as safetensors keys")
-        return _usual_permissions(save_weights(path, tensors, {"content": "vmamba erf raw maps", **(metadata or {})}))
+        return save_weights(path, tensors, {"content": "vmamba erf raw maps", **(metadata or {})})
     raise ValueError(f"{path}: --save-map must end in .npy or .safetensors")
 
 
