@@ -25,6 +25,10 @@ from .cross_scan import (NUM_DIRECTIONS, cross_merge_reference, cross_merge_torc
                          cross_scan_reference, cross_scan_torch)
 from .scan_torch import check_scan_shapes, selective_scan_blocked, selective_scan_reference
 
+# Registers the scan with torch.utils.flop_counter; the mark is an identity unless a dispatch mode
+# (e.g. FlopCounterMode) is active.
+from vmamba_cli.flops import in_dispatch_mode, mark_selective_scan  # noqa: E402
+
 __all__ = [
     "selective_scan", "cross_scan", "cross_merge", "cross_selective_scan",
     "available_backends", "resolve_backend", "BACKENDS", "NUM_DIRECTIONS",
@@ -116,7 +120,8 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     D, delta_bias: (K*D,). Differentiable with respect to every tensor input.
     """
     impl = _lookup("selective_scan", backend, u.device)
-    return impl(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype=output_dtype)
+    y = impl(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype=output_dtype)
+    return mark_selective_scan(y, A.shape[1])
 
 
 def cross_scan(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -154,6 +159,8 @@ def compose_cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bia
 def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend="auto"):
     """SS2D core: cross-scan, x/dt projections, selective scan with softplus, cross-merge."""
     fused = _op(resolve_backend(backend, x.device), "cross_selective_scan")
-    if fused is not None:
+    # Under a dispatch mode (FlopCounterMode, fake tensors) the separate ops run instead, so that
+    # counters see the projections and the marked scan; the result is the same.
+    if fused is not None and not in_dispatch_mode():
         return fused(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
     return compose_cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend)
