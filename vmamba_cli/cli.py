@@ -45,6 +45,10 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    # Keep freed large buffers for reuse instead of page-faulting fresh ones (vmamba_cli/memory.py).
+    from vmamba_cli.memory import tune_malloc
+
+    tune_malloc()
     app()
 
 

@@ -164,7 +164,10 @@ class Linear2d(nn.Linear):
     """A per-pixel linear layer on NCHW tensors (a 1x1 conv holding an (out, in) weight)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        # One GEMM over pixels on the channels-last view; the result is NCHW-shaped with
+        # channels_last strides. (A 1x1 mkldnn conv reorders to its blocked format and back on
+        # every call, which costs more than the product on CPU.)
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Conv-style (out, in, 1, 1) weights are the same parameters.
@@ -445,15 +448,24 @@ class VSSM(nn.Module):
     def _nchw(self, x):
         return x if self._layout.channels_first else x.permute(0, 3, 1, 2)
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per-stage NCHW feature maps: each stage's block output, before its downsample."""
+    def _stages(self, x: torch.Tensor, keep_features: bool):
+        if self._layout.channels_first:
+            # Channel-first models run channels-last in memory (NCHW shapes, NHWC strides): per-pixel
+            # linears and LayerNorms are then plain row operations and the native scan reads its
+            # working layout directly, with no transposes.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         features = []
         for layer in self.layers:
             x = layer.blocks(x)
-            features.append(self._nchw(x))
+            if keep_features:
+                features.append(self._nchw(x).contiguous())
             x = layer.downsample(x)
-        return features
+        return x, features
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-stage NCHW feature maps (contiguous): each stage's block output, before its downsample."""
+        return self._stages(x, keep_features=True)[1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Classifier on the last stage's NCHW map: LayerNorm, global average pool, linear."""
@@ -464,7 +476,7 @@ class VSSM(nn.Module):
         return x if pre_logits else c.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x)[-1])
+        return self.forward_head(self._nchw(self._stages(x, keep_features=False)[0]))
 
     # -- weights ---------------------------------------------------------------------------------
     def load_checkpoint(self, path, *, ema: bool = False) -> "VSSM":

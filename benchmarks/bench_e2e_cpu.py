@@ -1,0 +1,107 @@
+"""End-to-end CPU inference: vmamba-tiny against torchvision convnext_tiny and swin_t.
+
+    python benchmarks/bench_e2e_cpu.py                       # both default cases
+    python benchmarks/bench_e2e_cpu.py --case 224 --repeat 5
+    python benchmarks/bench_e2e_cpu.py --models vmamba-tiny --backends cpu,torch --case 224
+
+Method (machine-facts §4): a fresh process per (model, case); ``torch.set_num_threads(2)``,
+``eval()``, ``torch.inference_mode()``, random init, ``randn`` input; two warm-up forwards (the
+second skipped if the first took over 20 s), then the median of ``--repeat`` timed forwards. Peak
+memory is the child's ``ru_maxrss`` (includes ~0.7 GiB for importing torch + torchvision). Every
+process applies the glibc malloc tuning of ``vmamba_cli.memory.tune_malloc`` (as the CLI does)
+unless ``--no-malloc-tuning``. Goals (issue 3): vmamba-tiny img/s >= convnext_tiny at 224 batch 8,
+and >= swin_t at 1024x1024 batch 1 with peak memory <= swin_t's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CASES = {"224": (224, 8), "1024": (1024, 1)}
+PEERS = {"224": "convnext_tiny", "1024": "swin_t"}
+
+
+def _child(spec: dict) -> dict:
+    import resource
+    import statistics
+    import time
+
+    if spec["malloc"]:
+        from vmamba_cli.memory import tune_malloc
+        tune_malloc()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    name, res, batch = spec["model"], spec["res"], spec["batch"]
+    if name.startswith("vmamba"):
+        from vmamba_cli.model import create_model
+        model = create_model(name).set_scan_backend(spec["backend"])
+    else:
+        import torchvision
+        model = getattr(torchvision.models, name)()
+    model.eval()
+    x = torch.randn(batch, 3, res, res)
+    times = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(x)
+        first = time.perf_counter() - t0
+        if first < 20:
+            model(x)
+        for _ in range(spec["repeat"]):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"model": name, "backend": spec.get("backend"), "res": res, "batch": batch, "first_s": first,
+            "median_s": median, "img_per_s": batch / median, "s_per_img": median / batch,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "loadavg": os.getloadavg(), "threads": torch.get_num_threads()}
+
+
+def run_case(model, backend, case, args) -> dict:
+    res, batch = CASES[case]
+    spec = {"model": model, "backend": backend, "res": res, "batch": batch, "repeat": args.repeat,
+            "threads": args.threads, "malloc": not args.no_malloc_tuning}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{model} {case} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=[*CASES, "all"], default="all")
+    parser.add_argument("--models", default=None, help="comma list (default: vmamba-tiny and the case's peer)")
+    parser.add_argument("--backends", default="cpu", help="scan backends for VMamba models, comma list")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-malloc-tuning", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+
+    rows = []
+    for case in (CASES if args.case == "all" else [args.case]):
+        models = args.models.split(",") if args.models else ["vmamba-tiny", PEERS[case]]
+        for model in models:
+            for backend in (args.backends.split(",") if model.startswith("vmamba") else [None]):
+                row = run_case(model, backend, case, args)
+                rows.append(row)
+                label = model + (f" [{backend}]" if backend else "")
+                print(f"{label:28s} {row['res']:5d}px b{row['batch']:<2d} {row['img_per_s']:7.2f} img/s "
+                      f"{row['s_per_img']:8.3f} s/img  first {row['first_s']:6.2f} s  peak RSS "
+                      f"{row['peak_rss_mib']:6.0f} MiB  load {row['loadavg'][0]:.2f}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
