@@ -1,0 +1,306 @@
+"""Training data: the offline digits set, image folders, the recipe's augmentations (torchvision
+transforms v2), Mixup/CutMix with label smoothing, and a resumable distributed sampler."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, DistributedSampler
+
+from vmamba_cli.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageError, load_image
+
+DIGITS = "digits"
+# timm's RandAugment fills exposed borders with the dataset mean in 8-bit.
+_FILL = [round(255 * m) for m in IMAGENET_MEAN]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message is one line naming the path and the problem."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainData:
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+    description: str
+    eval_crop_pct: float        # what predict/eval should use for these images (1.0: no border crop)
+
+
+class TensorImageDataset(Dataset):
+    """uint8 (N, 3, H, W) images with labels; the transform receives a tv_tensors.Image."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from torchvision import tv_tensors
+
+        image = tv_tensors.Image(self.images[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class ImageFileDataset(Dataset):
+    """(path, label) pairs read with ``vmamba_cli.data.load_image`` (EXIF, gray, RGBA ... handled)."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable | None = None):
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            raise DataError(str(exc)) from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def digits_arrays(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 handwritten digits (shipped in its wheel) as uint8 (N, 3, S, S)
+    images, bilinearly upsampled to ``image_size``, and their labels 0-9."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # 0..16 ink levels
+    if image_size != images.shape[-1]:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return images, torch.as_tensor(digits.target, dtype=torch.int64)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random train / held-out split (independent of the training seed)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+def _class_folder_samples(root: Path, class_names: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_names is None:
+        class_names = [p.name for p in folders]
+    index = {name: i for i, name in enumerate(class_names)}
+    samples = []
+    for folder in folders:
+        if folder.name not in index:
+            raise DataError(f"{folder}: class folder not present in the training set")
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                samples.append((path, index[folder.name]))
+    return samples, class_names
+
+
+def image_folder_samples(root: str | os.PathLike, val_fraction: float, split_seed: int):
+    """Samples of ``root/train/<class>/*`` + ``root/val/<class>/*``, or of ``root/<class>/*`` split
+    into train / held-out with a seeded permutation. Returns (train, val, class_names)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder (give an image folder or 'digits')")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (expected train/ and val/ class folders, or class folders)")
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir():
+        train, class_names = _class_folder_samples(train_dir)
+        if val_dir.is_dir():
+            val, _ = _class_folder_samples(val_dir, class_names)
+        else:
+            val = None
+    else:
+        train, class_names = _class_folder_samples(root)
+        val = None
+    if not class_names:
+        raise DataError(f"{root}: no class folders (expected {root}/train/<class>/... or {root}/<class>/...)")
+    if not train:
+        raise DataError(f"{root}: the class folders contain no images")
+    if val is None:
+        train_idx, val_idx = split_indices(len(train), val_fraction, split_seed)
+        train, val = [train[i] for i in train_idx.tolist()], [train[i] for i in val_idx.tolist()]
+    if not val:
+        raise DataError(f"{val_dir}: the validation class folders contain no images")
+    return train, val, class_names
+
+
+def build_datasets(data: str, image_size: int, *, train_transform, eval_transform_fn: Callable[[float], Callable],
+                   val_fraction: float = 0.2, split_seed: int = 0, subset: int = 0,
+                   crop_pct: float = 224 / 256) -> TrainData:
+    """``data`` is "digits" or an image folder. ``eval_transform_fn(crop_pct)`` builds the eval pipeline."""
+    if data == DIGITS:
+        images, labels = digits_arrays(image_size)
+        train_idx, val_idx = split_indices(len(labels), val_fraction, split_seed)
+        if subset:
+            train_idx = train_idx[:subset]
+        # The images already have the model's size: evaluation uses them whole (crop_pct 1).
+        return TrainData(
+            TensorImageDataset(images[train_idx], labels[train_idx], train_transform),
+            TensorImageDataset(images[val_idx], labels[val_idx], eval_transform_fn(1.0)),
+            [str(i) for i in range(10)],
+            f"digits (scikit-learn, 8x8 upsampled to {image_size}x{image_size}): "
+            f"{len(train_idx)} train / {len(val_idx)} held-out",
+            1.0,
+        )
+    train, val, class_names = image_folder_samples(data, val_fraction, split_seed)
+    if subset:
+        train = train[:subset]
+    return TrainData(
+        ImageFileDataset(train, train_transform), ImageFileDataset(val, eval_transform_fn(crop_pct)),
+        class_names, f"{data}: {len(class_names)} classes, {len(train)} train / {len(val)} val images", crop_pct,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Transforms (torchvision.transforms.v2)
+# ------------------------------------------------------------------------------------------------
+
+def _interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name.lower())
+
+
+def train_transform(image_size: int, *, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                    randaugment: bool = True, randaugment_ops: int = 2, randaugment_magnitude: int = 9,
+                    random_erasing: float = 0.25, interpolation: str = "bicubic",
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The recipe's training pipeline: RandomResizedCrop (bicubic), horizontal flip, RandAugment,
+    [0, 1] scaling, normalisation, random erasing with per-pixel random values.
+
+    RandAugment uses 11 magnitude bins so that magnitude 9 means 9/10 of each op's range, as timm's
+    ``rand-m9`` does (torchvision's default of 31 bins would make m9 much weaker).
+    """
+    from torchvision.transforms import v2
+
+    ops = [v2.ToImage(),
+           v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
+                                interpolation=_interpolation(interpolation), antialias=True)]
+    if hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(hflip))
+    if randaugment:
+        ops.append(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude, num_magnitude_bins=11,
+                                  interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if random_erasing > 0:
+        ops.append(v2.RandomErasing(p=random_erasing, value="random"))
+    return v2.Compose(ops)
+
+
+def eval_transform(image_size: int, crop_pct: float = 224 / 256, interpolation: str = "bicubic",
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Official evaluation pipeline: resize to int(size / crop_pct), center crop, normalise
+    (with crop_pct 1 and images already at ``image_size`` this is only the normalisation)."""
+    from torchvision.transforms import v2
+
+    ops = [v2.ToImage()]
+    resize = int(image_size / crop_pct)
+    ops += [v2.Resize(resize, interpolation=_interpolation(interpolation), antialias=True), v2.CenterCrop(image_size)]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixup / CutMix with label smoothing folded into the targets
+# ------------------------------------------------------------------------------------------------
+
+class MixupCutmix:
+    """Batch-mode Mixup / CutMix (torchvision v2) returning soft targets with label smoothing.
+
+    With probability ``prob`` a batch is mixed; when both are enabled CutMix is chosen with
+    probability ``switch_prob``. Smoothing is applied after mixing, which equals timm's smoothing of
+    both one-hot targets before mixing (the operation is linear in the one-hot vectors).
+    """
+
+    def __init__(self, num_classes: int, *, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
+                 prob: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1):
+        from torchvision.transforms import v2
+
+        self.num_classes, self.prob, self.switch_prob = num_classes, prob, switch_prob
+        self.label_smoothing = label_smoothing
+        self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
+        self.cutmix = v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes) if cutmix_alpha > 0 else None
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and (self.mixup is not None or self.cutmix is not None)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = None
+        if self.active and (self.prob >= 1.0 or torch.rand(()).item() < self.prob):
+            if self.mixup is not None and self.cutmix is not None:
+                use_cutmix = torch.rand(()).item() < self.switch_prob
+            else:
+                use_cutmix = self.cutmix is not None
+            images, targets = (self.cutmix if use_cutmix else self.mixup)(images, labels)
+        if targets is None:
+            targets = F.one_hot(labels, self.num_classes).to(images.dtype if images.is_floating_point() else torch.float32)
+        s = self.label_smoothing
+        return images, targets * (1.0 - s) + s / self.num_classes
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` (same shuffling, padding and rank partition, seeded by seed + epoch)
+    that can start part-way through an epoch, so a run stopped mid-epoch resumes on the next
+    sample it has not seen. Works without an initialised process group (num_replicas=1, rank=0)."""
+
+    def __init__(self, dataset, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation shard of one rank: indices rank, rank + world, ... (no padding, no duplicates),
+    so summing correct counts over ranks gives exact dataset accuracy."""
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, length, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, accum_steps: int) -> int:
+    """Optimizer steps per epoch (training batches are dropped when incomplete, as in the recipe)."""
+    per_rank = math.ceil(num_samples / world_size)
+    return (per_rank // batch_size) // accum_steps
