@@ -45,3 +45,17 @@ def test_shipped_class_names_are_torchvision_list():
     from vmamba_cli.data import imagenet_class_names
 
     assert imagenet_class_names() == list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def test_select_device():
+    import pytest
+    import torch
+
+    from vmamba_cli.device import select_device
+
+    assert select_device(torch.device("cpu")) == torch.device("cpu")
+    assert select_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert select_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            select_device("cuda", local_rank=1)

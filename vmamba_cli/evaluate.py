@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from vmamba_cli.device import select_device
 from vmamba_cli.data import DEFAULT_CROP_PCT, IMAGE_EXTENSIONS, ImageError, eval_transform, load_image
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
@@ -356,17 +357,9 @@ def barrier() -> None:
 
 
 def _resolve_device(device: str | torch.device, distributed: bool) -> torch.device:
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else None
+    dev = select_device(device, local_rank=local_rank)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {dev} requested but no CUDA device is available")
-        if distributed and dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     return dev
 

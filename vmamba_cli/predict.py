@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 
 from vmamba_cli.data import ImageError, eval_transform, find_images, load_image
+from vmamba_cli.device import select_device
 
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
@@ -62,17 +63,6 @@ class PredictReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA device is available (use --device cpu)")
-    return dev
 
 
 def _labels_for(loaded, labels: str | os.PathLike | Sequence[str] | None, num_classes: int) -> list[str]:
@@ -121,7 +111,7 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if resolution < 32:
         raise ValueError(f"resolution must be at least 32 pixels, got {resolution}")
-    dev = _device(device)
+    dev = select_device(device)
     if isinstance(model, LoadedModel):
         loaded = model
     else:

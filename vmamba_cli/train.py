@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vmamba_cli.device import select_device
 from vmamba_cli.schedule import ModelEma, WarmupCosineSchedule, scale_lr, weight_decay_groups
 from vmamba_cli.train_config import RESUME_CHANGEABLE, TrainConfig, apply_overrides
 from vmamba_cli.train_data import (MixupCutmix, ResumableDistributedSampler, ShardSampler, build_datasets,
@@ -108,15 +109,10 @@ def setup_distributed(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
+    dev = select_device(device, local_rank=local_rank if world > 1 else None)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but no CUDA device is available")
         if dev.index is None:
-            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     initialized = False
     if world > 1 and not torch.distributed.is_initialized():
@@ -563,7 +559,9 @@ class _Run:
         self.ddp_module = module
         # After the DDP wrap, which copies rank 0's weights into every rank's model.
         self.ema = ModelEma(self.model, c.ema_decay) if c.ema else None
-        self.train_module = torch.compile(module) if c.compile else module
+        # dynamic=False: a smaller last batch recompiles instead of tracing symbolic shapes, which
+        # inductor 2.14 fails on for this model ("cannot determine truth value of Relational").
+        self.train_module = torch.compile(module, dynamic=False) if c.compile else module
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 

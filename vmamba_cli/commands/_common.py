@@ -34,14 +34,12 @@ def user_errors():
 
 
 def resolve_device(device: str):
-    import torch
+    from vmamba_cli.device import select_device
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise fail("--device cuda requested but no CUDA device is available")
-    return dev
+    try:
+        return select_device(device)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
 
 
 def print_json(obj) -> None:
