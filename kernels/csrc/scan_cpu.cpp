@@ -23,25 +23,36 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
+// The step code must be one straight-line block per group: GCC otherwise keeps vsoftplus and
+// 32-byte memcpys as out-of-line calls (spilling every vector around them) once the group
+// functions grow, which costs more than the arithmetic itself.
+#define VMAMBA_INLINE inline __attribute__((always_inline))
+#define VMAMBA_UNROLL _Pragma("GCC unroll 16")
+
 constexpr int kLanes = 8;
 typedef float vf __attribute__((vector_size(32)));
+typedef float vf_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t vi __attribute__((vector_size(32)));
 
-inline vf splat(float s) { return vf{} + s; }
+VMAMBA_INLINE vf splat(float s) { return vf{} + s; }
 
-inline vf load(const float* p, int n) {
+VMAMBA_INLINE vf load(const float* p, int n) {
   vf v;
   if (n == kLanes) {
-    std::memcpy(&v, p, sizeof v);
+    v = *reinterpret_cast<const vf_unaligned*>(p);
   } else {
     v = vf{};
     for (int i = 0; i < n; ++i) v[i] = p[i];
@@ -49,9 +60,9 @@ inline vf load(const float* p, int n) {
   return v;
 }
 
-inline void store(float* p, vf v, int n) {
+VMAMBA_INLINE void store(float* p, vf v, int n) {
   if (n == kLanes) {
-    std::memcpy(p, &v, sizeof v);
+    *reinterpret_cast<vf_unaligned*>(p) = v;
   } else {
     for (int i = 0; i < n; ++i) p[i] = v[i];
   }
@@ -59,20 +70,53 @@ inline void store(float* p, vf v, int n) {
 
 inline float hsum(vf v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-inline vf bits_to_float(vi b) {
-  vf f;
-  std::memcpy(&f, &b, sizeof f);
-  return f;
+// out[k] = hsum(v[k]) for k < count; with AVX, eight (then four) vectors are reduced together by a
+// horizontal-add tree instead of one at a time (the backward does this for every step).
+VMAMBA_INLINE void store_sums(float* out, const vf* v, int count) {
+  int k = 0;
+#if defined(__AVX__)
+  for (; k + 8 <= count; k += 8) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[k], v[k + 1]), _mm256_hadd_ps(v[k + 2], v[k + 3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[k + 4], v[k + 5]), _mm256_hadd_ps(v[k + 6], v[k + 7]));
+    _mm256_storeu_ps(out + k, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+  }
+  for (; k + 4 <= count; k += 4) {
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(v[k], v[k + 1]), _mm256_hadd_ps(v[k + 2], v[k + 3]));
+    _mm_storeu_ps(out + k, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+  }
+#endif
+  for (; k < count; ++k) out[k] = hsum(v[k]);
+}
+
+VMAMBA_INLINE vf bits_to_float(vi b) { return reinterpret_cast<vf>(b); }
+
+// Clamps as single max/min instructions where available; the input goes second, so a NaN input
+// comes out unchanged (x86 max/min return their second operand when either is NaN).
+VMAMBA_INLINE vf clamp_below(vf x, float lo) {
+#if defined(__AVX__)
+  return _mm256_max_ps(splat(lo), x);
+#else
+  return x < lo ? splat(lo) : x;
+#endif
+}
+
+VMAMBA_INLINE vf clamp_above(vf x, float hi) {
+#if defined(__AVX__)
+  return _mm256_min_ps(splat(hi), x);
+#else
+  return x > hi ? splat(hi) : x;
+#endif
 }
 
 // exp: Cephes expf (range reduction by ln 2 split in two, degree-5 polynomial), about 1 ulp.
 // Inputs are clamped to [-87.3, 88]: below that the result is ~1e-38 instead of 0, which no
-// caller can tell apart (it multiplies states of order 1).
-inline vf vexp(vf x) {
-  x = x < -87.33654f ? splat(-87.33654f) : x;
-  x = x > 88.0f ? splat(88.0f) : x;
+// caller can tell apart (it multiplies states of order 1). The integer k sits in the low mantissa
+// bits of x * log2(e) + magic, so 2^k is built from those bits (no float-to-int conversion).
+VMAMBA_INLINE vf vexp(vf x) {
+  x = clamp_above(clamp_below(x, -87.33654f), 88.0f);
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf k = (x * 1.44269504088896341f + magic) - magic;
+  const vf shifted = x * 1.44269504088896341f + magic;
+  const vf k = shifted - magic;
   vf g = x - k * 0.693359375f;
   g = g + k * 2.12194440e-4f;
   vf p = splat(1.9875691500e-4f);
@@ -81,14 +125,15 @@ inline vf vexp(vf x) {
   p = p * g + 4.1665795894e-2f;
   p = p * g + 1.6666665459e-1f;
   p = p * g + 5.0000001201e-1f;
-  vf r = p * (g * g) + g + 1.0f;
-  vi n = __builtin_convertvector(k, vi);
+  const vf r = p * (g * g) + g + 1.0f;
+  // A multiply (not an integer add into r's exponent) keeps NaN inputs NaN whatever their payload.
+  const vi n = reinterpret_cast<vi>(shifted) - reinterpret_cast<vi>(magic);
   return r * bits_to_float((n + 127) << 23);
 }
 
 // log1p(t) for t in [0, 1] as t * P(t), P a degree-9 least-squares fit on Chebyshev nodes:
 // relative error <= 1.7e-7 in float32 (no range reduction, no division).
-inline vf vlog1p_unit(vf t) {
+VMAMBA_INLINE vf vlog1p_unit(vf t) {
   vf p = splat(-0.0031639994122087955f);
   p = p * t + 0.019487686455249786f;
   p = p * t - 0.05626952648162842f;
@@ -105,12 +150,12 @@ inline vf vlog1p_unit(vf t) {
 // softplus with PyTorch's threshold (z > 20: identity), as max(z, 0) + log1p(exp(-|z|)): one exp,
 // one polynomial, full relative precision for small steps. Optionally also sigmoid(z), its
 // derivative (1 above the threshold, as in PyTorch's backward).
-inline vf vsoftplus(vf z, vf* sigmoid) {
-  const vi positive = z > 0.0f;
-  const vf t = vexp(positive ? -z : z);
+VMAMBA_INLINE vf vsoftplus(vf z, vf* sigmoid) {
+  const vf neg_abs = reinterpret_cast<vf>(reinterpret_cast<vi>(z) | int32_t(0x80000000u));  // -|z|
+  const vf t = vexp(neg_abs);
   const vi above = z > 20.0f;
-  if (sigmoid) *sigmoid = above ? splat(1.0f) : (positive ? splat(1.0f) : t) / (1.0f + t);
-  const vf sp = (positive ? z : splat(0.0f)) + vlog1p_unit(t);
+  if (sigmoid) *sigmoid = above ? splat(1.0f) : (z > 0.0f ? splat(1.0f) : t) / (1.0f + t);
+  const vf sp = clamp_below(z, 0.0f) + vlog1p_unit(t);
   return above ? z : sp;
 }
 
@@ -152,7 +197,24 @@ struct Scratch {
   }
 };
 
-inline int lanes(const Run& r, int v, int nv) { return v == nv - 1 ? r.nc - (nv - 1) * kLanes : kLanes; }
+VMAMBA_INLINE int lanes(const Run& r, int v, int nv) { return v == nv - 1 ? r.nc - (nv - 1) * kLanes : kLanes; }
+
+// kFull: every vector of the group has kLanes channels, so loads and stores need no lane checks.
+template <bool kFull>
+VMAMBA_INLINE int group_lanes(const Run& r, int v, int nv) { return kFull ? kLanes : lanes(r, v, nv); }
+
+// Calls f(std::integral_constant<int, count>) for 1 <= count <= G: the tail group of a block gets a
+// fully unrolled body of its own size, so its chains still overlap each other.
+template <int G, class F>
+VMAMBA_INLINE void with_group_size(int count, F&& f) {
+  if constexpr (G > 0) {
+    if (count == G) {
+      f(std::integral_constant<int, G>{});
+    } else {
+      with_group_size<G - 1>(count, f);
+    }
+  }
+}
 
 // Parameters of the block's channels as vectors: bias, D, A (nv x N), dt_projs_weight (R x nv).
 struct Params {
@@ -175,7 +237,7 @@ inline size_t params_size(int nv, int N, int R) { return size_t(nv) * (2 + N + R
 
 // The per-step scalars (dts, B, C of this pixel and direction) broadcast once per step: the
 // channel loop then reads them from L1 instead of re-broadcasting (and re-loading past stores).
-inline void broadcast_row(const float* pr, int count, vf* out) {
+VMAMBA_INLINE void broadcast_row(const float* pr, int count, vf* out) {
   for (int k = 0; k < count; ++k) out[k] = splat(pr[k]);
 }
 
@@ -217,46 +279,53 @@ inline void prefetch_step(const Run& r, int64_t l, int R, int N, bool backward) 
 constexpr int kGroup = VMAMBA_SCAN_GROUP;
 
 // Step sizes (and sigmoids when wanted) of G channel vectors from v0 at pixel p.
-template <int G, bool kProj>
-inline void group_steps(const Run& r, const Params& q, int R, int nv, int v0, int64_t p, const vf* row,
+template <int G, bool kProj, bool kFull>
+VMAMBA_INLINE void group_steps(const Run& r, const Params& q, int R, int nv, int v0, int64_t p, const vf* row,
                         vf* dt, vf* sig) {
   vf z[G];
+  VMAMBA_UNROLL
   for (int g = 0; g < G; ++g) z[g] = q.bias[v0 + g];
   if (kProj) {
     for (int k = 0; k < R; ++k) {
       const vf d = row[k];
+      VMAMBA_UNROLL
       for (int g = 0; g < G; ++g) z[g] += q.W[k * nv + v0 + g] * d;
     }
   } else {
-    for (int g = 0; g < G; ++g) z[g] += load(r.delta + p * r.row + (v0 + g) * kLanes, lanes(r, v0 + g, nv));
+    VMAMBA_UNROLL
+    for (int g = 0; g < G; ++g) z[g] += load(r.delta + p * r.row + (v0 + g) * kLanes, group_lanes<kFull>(r, v0 + g, nv));
   }
+  VMAMBA_UNROLL
   for (int g = 0; g < G; ++g) {
     if (sig) sig[g] = splat(1.0f);
     dt[g] = r.softplus ? vsoftplus(z[g], sig ? sig + g : nullptr) : z[g];
   }
 }
 
-template <int G, int kN, bool kProj>
-inline void forward_group(const Run& r, const Params& q, int R, int N, int nv, int v0, int64_t p,
+template <int G, int kN, bool kProj, bool kFull>
+__attribute__((noinline)) void forward_group(const Run& r, const Params& q, int R, int N, int nv, int v0, int64_t p,
                           const vf* row, vf* h, const float* up, float* yp) {
   const vf* Bv = row + R;
   const vf* Cv = Bv + N;
   vf dt[G], dtx[G], x[G], out[G];
-  group_steps<G, kProj>(r, q, R, nv, v0, p, row, dt, nullptr);
+  group_steps<G, kProj, kFull>(r, q, R, nv, v0, p, row, dt, nullptr);
+  VMAMBA_UNROLL
   for (int g = 0; g < G; ++g) {
-    x[g] = load(up + (v0 + g) * kLanes, lanes(r, v0 + g, nv));
+    x[g] = load(up + (v0 + g) * kLanes, group_lanes<kFull>(r, v0 + g, nv));
     dtx[g] = dt[g] * x[g];
     out[g] = q.D[v0 + g] * x[g];
   }
   for (int n = 0; n < N; ++n) {
+    VMAMBA_UNROLL
     for (int g = 0; g < G; ++g) {
       vf& hn = h[(v0 + g) * N + n];
       hn = vexp(dt[g] * q.A[(v0 + g) * N + n]) * hn + dtx[g] * Bv[n];
       out[g] += hn * Cv[n];
     }
   }
+  VMAMBA_UNROLL
   for (int g = 0; g < G; ++g) {
-    const int n_l = lanes(r, v0 + g, nv);
+    const int n_l = group_lanes<kFull>(r, v0 + g, nv);
     if (r.accumulate) out[g] += load(yp + (v0 + g) * kLanes, n_l);
     store(yp + (v0 + g) * kLanes, out[g], n_l);
   }
@@ -267,6 +336,8 @@ void forward_run(const Run& r, Scratch& s) {
   const int N = kN > 0 ? kN : r.N;
   const int R = kProj ? r.R : 0;
   const int nv = (r.nc + kLanes - 1) / kLanes;
+  const int full = r.nc / kLanes;  // vectors with all kLanes channels
+  const bool tail_full = full == nv;
   vf* mem = s.get(params_size(nv, N, R) + size_t(nv) * N + R + 2 * N);
   const Params q = load_params(r, nv, N, R, mem);
   vf* h = mem + params_size(nv, N, R);
@@ -285,24 +356,32 @@ void forward_run(const Run& r, Scratch& s) {
     const float* up = r.u + p * r.row;
     float* yp = r.y + p * r.row;
     int v = 0;
-    for (; v + kGroup <= nv; v += kGroup) forward_group<kGroup, kN, kProj>(r, q, R, N, nv, v, p, row, h, up, yp);
-    for (; v < nv; ++v) forward_group<1, kN, kProj>(r, q, R, N, nv, v, p, row, h, up, yp);
+    for (; v + kGroup <= full; v += kGroup)
+      forward_group<kGroup, kN, kProj, true>(r, q, R, N, nv, v, p, row, h, up, yp);
+    with_group_size<kGroup>(nv - v, [&](auto size) {
+      if (tail_full) {
+        forward_group<decltype(size)::value, kN, kProj, true>(r, q, R, N, nv, v, p, row, h, up, yp);
+      } else {
+        forward_group<decltype(size)::value, kN, kProj, false>(r, q, R, N, nv, v, p, row, h, up, yp);
+      }
+    });
   }
 }
 
 // Backward's chunk recomputation for G vectors: keeps step sizes, sigmoids, decays and states.
-template <int G, int kN, bool kProj>
-inline void recompute_group(const Run& r, const Params& q, int R, int N, int nv, int v0, int64_t p,
+template <int G, int kN, bool kProj, bool kFull>
+__attribute__((noinline)) void recompute_group(const Run& r, const Params& q, int R, int N, int nv, int v0, int64_t p,
                             const vf* row, const vf* h_prev, vf* h_cur, vf* c_dt, vf* c_sig, vf* c_dA,
                             const float* up) {
   const vf* Bv = row + R;
   vf dt[G], sig[G];
-  group_steps<G, kProj>(r, q, R, nv, v0, p, row, dt, sig);
+  group_steps<G, kProj, kFull>(r, q, R, nv, v0, p, row, dt, sig);
+  VMAMBA_UNROLL
   for (int g = 0; g < G; ++g) {
     const int v = v0 + g;
     c_dt[v] = dt[g];
     c_sig[v] = sig[g];
-    const vf dtx = dt[g] * load(up + v * kLanes, lanes(r, v, nv));
+    const vf dtx = dt[g] * load(up + v * kLanes, group_lanes<kFull>(r, v, nv));
     for (int n = 0; n < N; ++n) {
       const vf dA = vexp(dt[g] * q.A[v * N + n]);
       c_dA[v * N + n] = dA;
@@ -316,10 +395,12 @@ void backward_run(const Run& r, Scratch& s) {
   const int N = kN > 0 ? kN : r.N;
   const int R = kProj ? r.R : 0;
   const int nv = (r.nc + kLanes - 1) / kLanes;
+  const int full = r.nc / kLanes;
+  const bool tail_full = full == nv;
   const int T = r.chunk;
   const size_t np = params_size(nv, N, R), nvN = size_t(nv) * N;
   // params | carry | h_in | acc dW | acc bias | acc A | acc D | red | row | chunk: dt, sig, dA, h
-  const size_t total = np + 2 * nvN + size_t(R) * nv + nv + nvN + nv + 2 * (R + 2 * N) + size_t(T) * (2 * nv + 2 * nvN);
+  const size_t total = np + 2 * nvN + size_t(R) * nv + nv + nvN + nv + 2 * (R + 2 * N) + size_t(T) * (2 * nv + 2 * nvN) + nv;
   vf* mem = s.get(total);
   for (size_t i = np; i < total; ++i) mem[i] = vf{};
   const Params q = load_params(r, nv, N, R, mem);
@@ -337,6 +418,7 @@ void backward_run(const Run& r, Scratch& s) {
   vf* c_sig = c_dt + size_t(T) * nv;
   vf* c_dA = c_sig + size_t(T) * nv;
   vf* c_h = c_dA + size_t(T) * nvN;
+  vf* dz_step = c_h + size_t(T) * nvN;  // this step's d(loss)/dz of every vector
 
   const int64_t n_chunks = (r.length + T - 1) / T;
   for (int64_t c = n_chunks - 1; c >= 0; --c) {
@@ -359,9 +441,17 @@ void backward_run(const Run& r, Scratch& s) {
       vf* sig_i = c_sig + size_t(i) * nv;
       vf* dA_i = c_dA + size_t(i) * nvN;
       int v = 0;
-      for (; v + kGroup <= nv; v += kGroup)
-        recompute_group<kGroup, kN, kProj>(r, q, R, N, nv, v, p, row, h_prev, h_cur, dt_i, sig_i, dA_i, up);
-      for (; v < nv; ++v) recompute_group<1, kN, kProj>(r, q, R, N, nv, v, p, row, h_prev, h_cur, dt_i, sig_i, dA_i, up);
+      for (; v + kGroup <= full; v += kGroup)
+        recompute_group<kGroup, kN, kProj, true>(r, q, R, N, nv, v, p, row, h_prev, h_cur, dt_i, sig_i, dA_i, up);
+      with_group_size<kGroup>(nv - v, [&](auto size) {
+        if (tail_full) {
+          recompute_group<decltype(size)::value, kN, kProj, true>(r, q, R, N, nv, v, p, row, h_prev, h_cur, dt_i,
+                                                                  sig_i, dA_i, up);
+        } else {
+          recompute_group<decltype(size)::value, kN, kProj, false>(r, q, R, N, nv, v, p, row, h_prev, h_cur, dt_i,
+                                                                   sig_i, dA_i, up);
+        }
+      });
     }
 
     // Reverse-time pass (spec §5.3); `carry` holds exp(dt_{t+1} A) * dh_{t+1}.
@@ -405,16 +495,28 @@ void backward_run(const Run& r, Scratch& s) {
         acc_D[v] += g * x;
         acc_bias[v] += dz;
         if (kProj) {
-          for (int k = 0; k < R; ++k) {
-            acc_w[k * nv + v] += dz * row[k];
-            red[k] += q.W[k * nv + v] * dz;
-          }
+          dz_step[v] = dz;
         } else {
           store(r.ddelta + p * r.row + v * kLanes, dz, n_l);
         }
       }
+      // dts gradient and dt_projs_weight accumulation, rank by rank: the sum over vectors stays in
+      // a register instead of a load-add-store through red[k] per vector.
+      if (kProj) {
+        for (int k = 0; k < R; ++k) {
+          const vf d = row[k];
+          const vf* w = q.W + size_t(k) * nv;
+          vf* aw = acc_w + size_t(k) * nv;
+          vf sum = vf{};
+          for (int v = 0; v < nv; ++v) {
+            sum += w[v] * dz_step[v];
+            aw[v] += dz_step[v] * d;
+          }
+          red[k] = sum;
+        }
+      }
       float* rp = r.red + p * r.prow;
-      for (int k = 0; k < R + 2 * N; ++k) rp[k] = hsum(red[k]);
+      store_sums(rp, red, R + 2 * N);
     }
   }
 
