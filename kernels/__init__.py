@@ -23,7 +23,7 @@ import torch
 
 from .cross_scan import (NUM_DIRECTIONS, cross_merge_reference, cross_merge_torch,
                          cross_scan_reference, cross_scan_torch)
-from .scan_torch import check_scan_shapes, selective_scan_blocked, selective_scan_reference
+from .scan_torch import selective_scan_blocked, selective_scan_reference
 
 # Registers the scan with torch.utils.flop_counter; the mark is an identity unless a dispatch mode
 # (e.g. FlopCounterMode) is active.

@@ -51,15 +51,14 @@ def check_scan_shapes(u, delta, A, B, C, D=None, delta_bias=None) -> int:
 
 
 def _per_channel(m: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, G, N, L) group matrix -> (B, channels, N, L) view shared by the channels of a group."""
+    """(B, G, N, L) group matrix -> (B, channels, N, L), each group repeated for its channels."""
     b, g, n, l = m.shape
     return m[:, :, None].expand(b, g, channels // g, n, l).reshape(b, channels, n, l)
 
 
-def _group_sum(m: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, channels, N, L) per-channel gradient -> (B, G, N, L) summed over each group's channels."""
-    b, c, n, l = m.shape
-    return m.view(b, groups, c // groups, n, l).sum(2)
+def _group_index(channels: int, groups: int, device) -> torch.Tensor:
+    """Group (direction) of every channel: channel c belongs to group c // (channels / groups)."""
+    return torch.arange(channels, device=device) // (channels // groups)
 
 
 def _step_size(delta, delta_bias, delta_softplus):
@@ -157,9 +156,9 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         uf, dt = u.float(), _step_size(delta, delta_bias, delta_softplus)
         Af, Bf, Cf = A.float(), B.float(), C.float()
         y = torch.empty(batch, channels, length, dtype=torch.float32, device=u.device)
+        group_of = _group_index(channels, groups, u.device)
         for lo, hi in _channel_blocks(batch, channels, A.shape[1], length):
-            Bc = _per_channel(Bf, channels)[:, lo:hi]
-            Cc = _per_channel(Cf, channels)[:, lo:hi]
+            Bc, Cc = Bf.index_select(1, group_of[lo:hi]), Cf.index_select(1, group_of[lo:hi])
             y[:, lo:hi] = _forward_block(uf[:, lo:hi], dt[:, lo:hi], Af[lo:hi], Bc, Cc)[0]
         if D is not None:
             y += D.float()[:, None] * uf
@@ -182,10 +181,10 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         dA = torch.empty_like(Af)
         dB = torch.zeros_like(Bf)
         dC = torch.zeros_like(Cf)
-        per = channels // ctx.groups
+        group_of = _group_index(channels, ctx.groups, u.device)
         for lo, hi in _channel_blocks(batch, channels, A.shape[1], length):
-            Bc = _per_channel(Bf, channels)[:, lo:hi]
-            Cc = _per_channel(Cf, channels)[:, lo:hi]
+            groups_b = group_of[lo:hi]
+            Bc, Cc = Bf.index_select(1, groups_b), Cf.index_select(1, groups_b)
             u_b, dt_b, g_b = uf[:, lo:hi], dt[:, lo:hi], g[:, lo:hi]
             _, h, decay = _forward_block(u_b, dt_b, Af[lo:hi], Bc, Cc)
             # dh_t = g_t C_t + decay_{t+1} dh_{t+1}
@@ -197,11 +196,9 @@ class _BlockedSelectiveScan(torch.autograd.Function):
             dh_B = (dh * Bc).sum(2)
             du[:, lo:hi] = dh_B * dt_b
             d_dt[:, lo:hi] = (through_decay * Af[lo:hi][None, :, :, None]).sum(2) + dh_B * u_b
-            # Group reductions: the block may cut through a group, so scatter-add per channel range.
-            dC_c = g_b[:, :, None, :] * h
-            dB_c = dh * (dt_b * u_b)[:, :, None, :]
-            _accumulate_groups(dB, dB_c, lo, per)
-            _accumulate_groups(dC, dC_c, lo, per)
+            # B and C are shared by a group's channels: sum their per-channel grads into the group.
+            dB.index_add_(1, groups_b, dh * (dt_b * u_b)[:, :, None, :])
+            dC.index_add_(1, groups_b, g_b[:, :, None, :] * h)
         if D is not None:
             du += D.float()[:, None] * g
             dD = (g * uf).sum((0, 2))
@@ -215,17 +212,6 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         return (du.to(u.dtype), d_pre.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if dD is None else dD.to(D.dtype),
                 None if d_bias is None else d_bias.to(delta_bias.dtype), None, None)
-
-
-def _accumulate_groups(target: torch.Tensor, per_channel: torch.Tensor, start: int, per_group: int):
-    """Add per-channel grads (B, hi-lo, N, L) for channels [start, start+n) into group grads (B, G, N, L)."""
-    n = per_channel.shape[1]
-    c = 0
-    while c < n:
-        group = (start + c) // per_group
-        end = min(n, (group + 1) * per_group - start)
-        target[:, group] += per_channel[:, c:end].sum(1)
-        c = end
 
 
 def selective_scan_blocked(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,

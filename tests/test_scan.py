@@ -153,3 +153,20 @@ def test_backend_resolution():
     assert kernels.resolve_backend("torch", "cpu") == "torch"
     assert kernels.resolve_backend("auto", "cpu") in kernels.available_backends("cpu")
     assert {"reference", "torch"} <= set(kernels.available_backends("cpu"))
+
+
+def test_blocked_channel_blocks_that_cut_through_groups(monkeypatch):
+    """Large inputs are processed in channel blocks; B/C grads must still sum over whole groups."""
+    from vmamba_cli.kernels import scan_torch
+
+    case = _random_case(batch=2, groups=4, per_group=3, d_state=3, length=40, seed=7)
+    monkeypatch.setattr(scan_torch, "_MAX_BLOCK_ELEMENTS", 2 * 3 * 40 * 5)  # blocks of 5 channels
+    assert scan_torch._channel_blocks(2, 12, 3, 40) == [(0, 5), (5, 10), (10, 12)]
+    grads = {}
+    for backend in ("reference", "torch"):
+        ins = {k: v.clone().requires_grad_(True) for k, v in case.items()}
+        y = kernels.selective_scan(*(ins[k] for k in INPUTS), delta_softplus=True, backend=backend)
+        (y * y).sum().backward()
+        grads[backend] = {k: ins[k].grad for k in INPUTS}
+    for k in INPUTS:
+        _assert_rel(grads["torch"][k], grads["reference"][k], "d" + k)

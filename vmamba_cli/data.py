@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,6 +136,3 @@ def imagenet_class_names() -> list[str]:
 
     return files("vmamba_cli").joinpath("imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
 
-
-def to_batch(images: list, transform) -> torch.Tensor:
-    return torch.stack([transform(im) for im in images])

@@ -386,7 +386,7 @@ class VSSM(nn.Module):
 
     def __init__(self, config: VMambaConfig | None = None, **overrides):
         super().__init__()
-        cfg = (config or VMambaConfig()).replace(**overrides) if overrides else (config or VMambaConfig())
+        cfg = (config or VMambaConfig()).replace(**overrides)
         self.config = cfg
         layout = _Layout(cfg.channels_first)
         self._layout = layout

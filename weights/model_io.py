@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .loading import CheckpointError, load_weights_into, read_metadata, read_state_dict, save_weights
+from .loading import CheckpointError, load_weights_into, read_metadata, save_weights
 
 # A hook the registry installs: turns a weights argument that is not a local file (registry name, URL)
 # into a local path, downloading if needed. Returns None when it does not recognise the argument.
@@ -141,4 +141,4 @@ def read_class_names(path) -> list[str] | None:
 
 
 __all__ = ["LoadedModel", "load_model", "save_model", "read_class_names", "register_weights_resolver",
-           "resolve_weights_path", "read_state_dict"]
+           "resolve_weights_path"]
