@@ -145,9 +145,11 @@ def compose_cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bia
     d_state = A_logs.shape[1]
     rank = dt_projs_weight.shape[2]
     xs = cross_scan(x, backend)                                           # (B, K, Di, L)
-    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight.to(xs.dtype))
+    # Broadcast matmuls run as one batched GEMM over (B*K) on the sequences as they lie; einsum
+    # would permute (B, K, Di, L) to put K first and copy it.
+    x_dbl = torch.matmul(x_proj_weight.to(xs.dtype), xs)                  # (B, K, R+2N, L)
     dts, Bs, Cs = torch.split(x_dbl, [rank, d_state, d_state], dim=2)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight.to(dts.dtype))
+    dts = torch.matmul(dt_projs_weight.to(dts.dtype), dts)                # (B, K, Di, L)
     ys = selective_scan(
         xs.reshape(b, -1, length), dts.reshape(b, -1, length), -torch.exp(A_logs.float()),
         Bs.contiguous(), Cs.contiguous(), Ds.float(), dt_projs_bias.reshape(-1).float(),

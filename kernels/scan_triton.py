@@ -9,25 +9,30 @@ Backend ``"triton"`` of :mod:`vmamba_cli.kernels`. The scan follows spec §5.2 w
 
 Design (one program = one batch element, one block of channels inside one group, one chunk of L):
 
-* The state ``h`` is a ``[BLOCK_D, N]`` float32 register tile. The sequence is walked in tiles of
-  ``BLOCK_T`` (16) steps: u, delta, B, C are loaded as ``[BLOCK_D, BLOCK_T]`` / ``[N, BLOCK_T]`` tiles
-  (rows are contiguous in memory, so loads and stores coalesce), softplus, the decays ``exp(dt*A)``
-  and the drives ``dt*B*u`` are formed tile-wide as ``[BLOCK_D, N, BLOCK_T]``, and only the recurrence
-  steps through the tile (``static_range(BLOCK_T)``, column j read with ``tl.gather``, states written
-  back with ``tl.where``); y is then one tile-wide reduction over N and one coalesced store. The loop
-  over tiles is a runtime loop, so compile time does not grow with L.
+* The sequence is walked in tiles of BLOCK_T steps: u, delta, B, C are loaded as
+  ``[BLOCK_D, BLOCK_T]`` tiles (each channel's L is contiguous, so loads and stores coalesce),
+  softplus, the decays ``exp(dt*A)`` and the drives ``dt*u*B`` are formed tile-wide, and the
+  recurrence ``h_t = decay_t * h_{t-1} + drive_t`` over the tile is one ``tl.associative_scan`` of
+  (decay, drive) pairs (composition of affine maps), plus the decayed state entering the tile. y is
+  ``sum_n h * C + D*u``, one coalesced store per tile; the state leaving the tile is its last
+  column. N = 1 (the v2 models) has its own 2-D kernels; N > 1 carries ``[BLOCK_D, N, BLOCK_T]``
+  tiles. The loop over tiles is a runtime loop, so compile time does not grow with L.
 * Long sequences are cut into chunks so that batch 1 at L = 65,536 still fills the GPU: a state pass
   scans every chunk from zero and emits its end state and ``sum(dt)`` (the chunk's decay is
   ``exp(A * sum(dt))``), a tiny carry pass chains the chunks, and the output pass rescans each chunk
   from its true incoming state (FLA ``hgrn/chunk`` style). With enough (batch, channel-block)
   programs there is one chunk and the first two passes are skipped.
-* Only the chunk-entry states ``(batch, K*D, n_chunks, N)`` are kept for the backward (as the official
-  CUDA kernel keeps one state per 2048 steps). The backward runs the same chunk/carry structure in
-  reverse for ``dh``; inside its chunk each program first recomputes the state at every tile start
-  (a per-program scratch that lives only during the backward), then walks the tiles right to left,
-  rebuilding ``h_{t-1}`` for the tile and running the reverse recurrence for ``dh``. du and ddelta are
-  stored tile-wise; dB and dC are reduced over the tile's channels and added atomically (several
-  channel blocks share a group); dA, dD and ddelta_bias are per-program partials summed by torch afterwards.
+* No per-step states: when a backward can follow, the forward keeps the state entering each tile
+  (one per BLOCK_T = 32 steps, ``(batch, K*D, L/BLOCK_T, N)`` float32). The backward walks the tiles
+  right to left: it rebuilds the tile's states from that entry state with one forward scan, gets
+  ``dh_t = g_t C_t + exp(dt_{t+1} A) dh_{t+1}`` from one reverse associative scan (the decay of step
+  t+1 re-read from delta one step along), and takes ``exp(dt_t A) h_{t-1}`` as ``h_t - drive_t``, so
+  every other gradient is element-wise. Long sequences add a reverse chunk pass for dh, like the
+  forward. du and ddelta are stored tile-wise; dB and dC are reduced over the tile's channels and
+  added atomically (several channel blocks share a group); dA, dD and ddelta_bias are per-program
+  partials summed by torch afterwards.
+* Launch shapes (``choose_scan_config``) come from sweeps on an H200: inference and training use
+  different tiles, and the backward has its own channel block, warps and register cap.
 
 Works under ``TRITON_INTERPRET=1`` on CPU tensors (how the tests run); that path is for testing only.
 """
@@ -35,6 +40,7 @@ Works under ``TRITON_INTERPRET=1`` on CPU tensors (how the tests run); that path
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +78,11 @@ def is_available(device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _compose(decay_left, drive_left, decay_right, drive_right):
+        # Steps are affine maps h -> decay * h + drive; this applies the left one, then the right one.
+        return decay_left * decay_right, drive_left * decay_right + drive_right
+
+    @triton.jit
     def _program_coords(n_blocks, groups, channels_per_group, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)
         block = pid % n_blocks
@@ -84,6 +95,13 @@ if triton is not None:
         return batch, group, channels, mask_d
 
     @triton.jit
+    def _step_size(pre, SOFTPLUS: tl.constexpr):
+        if SOFTPLUS:
+            # torch's softplus (threshold 20); log(1 + exp(-|x|)) never overflows.
+            return tl.where(pre > 20.0, pre, tl.maximum(pre, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(pre))))
+        return pre
+
+    @triton.jit
     def _load_tile(u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, t, mask_d, mask_n, stop,
                    SOFTPLUS: tl.constexpr):
         """u, pre-activation, dt, B tiles of steps t and the decay / drive tiles [BLOCK_D, N, BLOCK_T]."""
@@ -92,22 +110,30 @@ if triton is not None:
         offs = row[:, None] + t[None, :]
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-        if SOFTPLUS:
-            # torch's softplus (threshold 20); log(1 + exp(-|x|)) never overflows.
-            dt = tl.where(pre > 20.0, pre, tl.maximum(pre, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(pre))))
-        else:
-            dt = pre
         # Steps past the end get dt = 0: decay 1 and drive 0, so the state passes through unchanged.
-        dt = tl.where(mask, dt, 0.0)
+        dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
         Bt = tl.load(B_ptr + bc_row[:, None] + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
                      other=0.0).to(tl.float32)
         decay = tl.exp(dt[:, None, :] * A[:, :, None])
         drive = (dt * u)[:, None, :] * Bt[None, :, :]
         return u, pre, dt, Bt, decay, drive, mask
 
-    # The recurrence steps through a tile with tl.gather (column j of the precomputed tiles) and
-    # writes states back with tl.where; the step bodies are written out inline on purpose, since
-    # every @jit helper call costs milliseconds under the interpreter and these loops run L times.
+    @triton.jit
+    def _next_decay(delta_ptr, bias, A, row, t, mask_d, stop, SOFTPLUS: tl.constexpr):
+        """exp(dt_{t+1} A) for every step t of a tile, 1 where t + 1 is past the chunk's end.
+
+        The backward's reverse recurrence dh_t = g_t C_t + exp(dt_{t+1} A) dh_{t+1} needs the decay of
+        the step to the right; re-reading delta one step further along hits the cache.
+        """
+        mask = mask_d[:, None] & (t + 1 < stop)[None, :]
+        pre = tl.load(delta_ptr + row[:, None] + (t + 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        dt = tl.where(mask, _step_size(pre + bias[:, None], SOFTPLUS), 0.0)
+        return tl.exp(dt[:, None, :] * A[:, :, None])
+
+    @triton.jit
+    def _column(x, offs_t, j):
+        """x[:, :, j] of a [BLOCK_D, N, BLOCK_T] tile."""
+        return tl.sum(tl.where((offs_t == j)[None, None, :], x, 0.0), axis=2)
 
     @triton.jit
     def _scan_chunk_state_kernel(
@@ -116,7 +142,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
-        """Forward pass 1: each chunk scanned from a zero state -> end state and sum(dt)."""
+        """Forward pass 1 (long sequences only): each chunk scanned from a zero state -> end state, sum(dt)."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         n_channels = groups * channels_per_group
@@ -138,10 +164,8 @@ if triton is not None:
         for t0 in range(start, stop, BLOCK_T):
             _, _, dt, _, decay, drive, _ = _load_tile(
                 u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, t0 + offs_t, mask_d, mask_n, stop, SOFTPLUS)
-            for j in tl.static_range(BLOCK_T):
-                col = tl.full([BLOCK_D, BLOCK_N, 1], j, tl.int32)
-                h = (tl.reshape(tl.gather(decay, col, axis=2), [BLOCK_D, BLOCK_N]) * h
-                     + tl.reshape(tl.gather(drive, col, axis=2), [BLOCK_D, BLOCK_N]))
+            decay_prefix, local = tl.associative_scan((decay, drive), 2, _compose)
+            h = _column(local + decay_prefix * h[:, :, None], offs_t, BLOCK_T - 1)
             dt_sum += tl.sum(dt, axis=1)
         slot = (batch * n_channels + channels).to(tl.int64) * n_chunks + chunk
         tl.store(end_state_ptr + slot[:, None] * d_state + offs_n[None, :], h, mask=mask_dn)
@@ -178,12 +202,18 @@ if triton is not None:
 
     @triton.jit
     def _scan_fwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, h_in_ptr, y_ptr,
-        length, chunk_len, n_chunks, n_blocks, groups, channels_per_group, d_state,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, h_in_ptr, y_ptr, tile_state_ptr,
+        length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group, d_state,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
+        STORE_STATES: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
-        """Output pass: scan one chunk from its incoming state, writing y (+ D*u) tile by tile."""
+        """Output pass: scan one chunk from its incoming state, writing y (+ D*u) tile by tile.
+
+        Each tile's states come from one associative scan over its BLOCK_T steps (prefix products of
+        the decays and the local states from zero), plus the decayed incoming state. STORE_STATES
+        keeps the state entering every tile for the backward (1/BLOCK_T of the per-step states).
+        """
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         n_channels = groups * channels_per_group
@@ -200,29 +230,30 @@ if triton is not None:
             skip = tl.load(D_ptr + channels, mask=mask_d, other=0.0)
         else:
             skip = tl.zeros([BLOCK_D], dtype=tl.float32)
-        row = (batch * n_channels + channels).to(tl.int64) * length
+        pair = (batch * n_channels + channels).to(tl.int64)
+        row = pair * length
         bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
-        slot = (batch * n_channels + channels).to(tl.int64) * n_chunks + chunk
         if HAS_INIT:
+            slot = pair * n_chunks + chunk
             h = tl.load(h_in_ptr + slot[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
         else:
             h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
+        tile_rows = pair[:, None] * n_tiles_total * d_state + offs_n[None, :]
         for t0 in range(start, stop, BLOCK_T):
             t = t0 + offs_t
+            if STORE_STATES:
+                tl.store(tile_state_ptr + tile_rows + (t0 // BLOCK_T) * d_state, h, mask=mask_dn)
             u, _, _, _, decay, drive, mask = _load_tile(
                 u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, t, mask_d, mask_n, stop, SOFTPLUS)
-            states = tl.zeros([BLOCK_D, BLOCK_N, BLOCK_T], dtype=tl.float32)
-            for j in tl.static_range(BLOCK_T):
-                col = tl.full([BLOCK_D, BLOCK_N, 1], j, tl.int32)
-                h = (tl.reshape(tl.gather(decay, col, axis=2), [BLOCK_D, BLOCK_N]) * h
-                     + tl.reshape(tl.gather(drive, col, axis=2), [BLOCK_D, BLOCK_N]))
-                states = tl.where((offs_t == j)[None, None, :], h[:, :, None], states)
+            decay_prefix, local = tl.associative_scan((decay, drive), 2, _compose)
+            states = local + decay_prefix * h[:, :, None]
             Ct = tl.load(C_ptr + bc_row[:, None] + t[None, :], mask=mask_n[:, None] & (t < stop)[None, :],
                          other=0.0).to(tl.float32)
             y = tl.sum(states * Ct[None, :, :], axis=1) + skip[:, None] * u
             tl.store(y_ptr + row[:, None] + t[None, :], y, mask=mask)
+            h = _column(states, offs_t, BLOCK_T - 1)
 
     @triton.jit
     def _scan_bwd_chunk_kernel(
@@ -231,7 +262,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
-        """Backward pass 1: reverse dh recurrence of each chunk from zero.
+        """Backward pass 1 (long sequences only): reverse dh recurrence of each chunk from zero.
 
         Emits exp(dt_s*A) * dh_s at the chunk's first step s (what the chunk hands to its left
         neighbour) and sum(dt) over the chunk.
@@ -253,41 +284,42 @@ if triton is not None:
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
         n_tiles = tl.cdiv(stop - start, BLOCK_T)
-        carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dh_right = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        first_decay = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
         for i in range(0, n_tiles):
             t = start + (n_tiles - 1 - i) * BLOCK_T + offs_t
-            mask_t = t < stop
-            mask = mask_d[:, None] & mask_t[None, :]
+            mask = mask_d[:, None] & (t < stop)[None, :]
             pre = tl.load(delta_ptr + row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-            if SOFTPLUS:
-                dt = tl.where(pre > 20.0, pre, tl.maximum(pre, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(pre))))
-            else:
-                dt = pre
-            dt = tl.where(mask, dt, 0.0)
-            g = tl.load(dy_ptr + row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc_row[:, None] + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
-                         other=0.0).to(tl.float32)
+            dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
             decay = tl.exp(dt[:, None, :] * A[:, :, None])
-            source = g[:, None, :] * Ct[None, :, :]
-            for jj in tl.static_range(BLOCK_T):
-                col = tl.full([BLOCK_D, BLOCK_N, 1], BLOCK_T - 1 - jj, tl.int32)
-                carry = tl.reshape(tl.gather(decay, col, axis=2), [BLOCK_D, BLOCK_N]) * (
-                    tl.reshape(tl.gather(source, col, axis=2), [BLOCK_D, BLOCK_N]) + carry)
+            next_decay = _next_decay(delta_ptr, bias, A, row, t, mask_d, stop, SOFTPLUS)
+            g = tl.load(dy_ptr + row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc_row[:, None] + t[None, :], mask=mask_n[:, None] & (t < stop)[None, :],
+                         other=0.0).to(tl.float32)
+            decay_suffix, local = tl.associative_scan((next_decay, g[:, None, :] * Ct[None, :, :]), 2, _compose,
+                                                      reverse=True)
+            dh_right = _column(local + decay_suffix * dh_right[:, :, None], offs_t, 0)
+            first_decay = _column(decay, offs_t, 0)
             dt_sum += tl.sum(dt, axis=1)
         slot = (batch * n_channels + channels).to(tl.int64) * n_chunks + chunk
-        tl.store(end_grad_ptr + slot[:, None] * d_state + offs_n[None, :], carry, mask=mask_dn)
+        tl.store(end_grad_ptr + slot[:, None] * d_state + offs_n[None, :], first_decay * dh_right, mask=mask_dn)
         tl.store(dt_sum_ptr + slot, dt_sum, mask=mask_d)
 
     @triton.jit
     def _scan_bwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, dy_ptr, h_in_ptr, dh_in_ptr,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, dy_ptr, dh_in_ptr,
         tile_state_ptr, du_ptr, ddelta_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
         length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group, d_state,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
-        """Backward output pass for one chunk: every gradient of spec §5.3."""
+        """Backward output pass for one chunk, tiles right to left: every gradient of spec §5.3.
+
+        Per tile: the states are rebuilt from the stored tile-entry state (one forward associative
+        scan), dh from a reverse associative scan of dh_t = g_t C_t + exp(dt_{t+1} A) dh_{t+1}; the rest
+        is element-wise. exp(dt_t A) h_{t-1} is taken as h_t - dt_t u_t B_t, so no shifted states.
+        """
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         n_channels = groups * channels_per_group
@@ -307,36 +339,16 @@ if triton is not None:
         pair = (batch * n_channels + channels).to(tl.int64)
         row = pair * length
         bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
-        slot = pair * n_chunks + chunk
-        offs_dn = slot[:, None] * d_state + offs_n[None, :]
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
         first_tile = start // BLOCK_T
         n_tiles = tl.cdiv(stop - start, BLOCK_T)
         tile_rows = pair[:, None] * n_tiles_total * d_state + offs_n[None, :]
-
-        # Phase 1: recompute the state entering every tile of the chunk.
         if HAS_INIT:
-            h = tl.load(h_in_ptr + offs_dn, mask=mask_dn, other=0.0)
+            slot = pair * n_chunks + chunk
+            dh_right = tl.load(dh_in_ptr + slot[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
         else:
-            h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        for i in range(0, n_tiles):
-            tl.store(tile_state_ptr + tile_rows + (first_tile + i) * d_state, h, mask=mask_dn)
-            _, _, _, _, decay, drive, _ = _load_tile(
-                u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, start + i * BLOCK_T + offs_t,
-                mask_d, mask_n, stop, SOFTPLUS)
-            for j in tl.static_range(BLOCK_T):
-                col = tl.full([BLOCK_D, BLOCK_N, 1], j, tl.int32)
-                h = (tl.reshape(tl.gather(decay, col, axis=2), [BLOCK_D, BLOCK_N]) * h
-                     + tl.reshape(tl.gather(drive, col, axis=2), [BLOCK_D, BLOCK_N]))
-        # The tile states are read back below by other threads of this program.
-        tl.debug_barrier()
-
-        # Phase 2: tiles right to left. carry = exp(dt_{t+1} A) * dh_{t+1}, entering from the right.
-        if HAS_INIT:
-            carry = tl.load(dh_in_ptr + offs_dn, mask=mask_dn, other=0.0)
-        else:
-            carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+            dh_right = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -345,35 +357,25 @@ if triton is not None:
             t = start + tile * BLOCK_T + offs_t
             u, pre, dt, Bt, decay, drive, mask = _load_tile(
                 u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, t, mask_d, mask_n, stop, SOFTPLUS)
+            h_entry = tl.load(tile_state_ptr + tile_rows + (first_tile + tile) * d_state, mask=mask_dn, other=0.0)
+            decay_prefix, local = tl.associative_scan((decay, drive), 2, _compose)
+            states = local + decay_prefix * h_entry[:, :, None]
             mask_nt = mask_n[:, None] & (t < stop)[None, :]
             offs = row[:, None] + t[None, :]
             bc_offs = bc_row[:, None] + t[None, :]
             g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             Ct = tl.load(C_ptr + bc_offs, mask=mask_nt, other=0.0).to(tl.float32)
-            source = g[:, None, :] * Ct[None, :, :]
-            # h_{t-1} for every step of the tile, rebuilt from the tile's entry state.
-            h = tl.load(tile_state_ptr + tile_rows + (first_tile + tile) * d_state, mask=mask_dn, other=0.0)
-            h_prev = tl.zeros([BLOCK_D, BLOCK_N, BLOCK_T], dtype=tl.float32)
-            for j in tl.static_range(BLOCK_T):
-                col = tl.full([BLOCK_D, BLOCK_N, 1], j, tl.int32)
-                h_prev = tl.where((offs_t == j)[None, None, :], h[:, :, None], h_prev)
-                h = (tl.reshape(tl.gather(decay, col, axis=2), [BLOCK_D, BLOCK_N]) * h
-                     + tl.reshape(tl.gather(drive, col, axis=2), [BLOCK_D, BLOCK_N]))
-            # dh_t = g_t C_t + exp(dt_{t+1} A) dh_{t+1}, right to left through the tile.
-            dh = tl.zeros([BLOCK_D, BLOCK_N, BLOCK_T], dtype=tl.float32)
-            for jj in tl.static_range(BLOCK_T):
-                col = tl.full([BLOCK_D, BLOCK_N, 1], BLOCK_T - 1 - jj, tl.int32)
-                dh_t = tl.reshape(tl.gather(source, col, axis=2), [BLOCK_D, BLOCK_N]) + carry
-                dh = tl.where((offs_t == (BLOCK_T - 1 - jj))[None, None, :], dh_t[:, :, None], dh)
-                carry = tl.reshape(tl.gather(decay, col, axis=2), [BLOCK_D, BLOCK_N]) * dh_t
+            next_decay = _next_decay(delta_ptr, bias, A, row, t, mask_d, stop, SOFTPLUS)
+            decay_suffix, dh_local = tl.associative_scan((next_decay, g[:, None, :] * Ct[None, :, :]), 2, _compose,
+                                                         reverse=True)
+            dh = dh_local + decay_suffix * dh_right[:, :, None]
+            dh_right = _column(dh, offs_t, 0)
 
-            # Everything else is element-wise over the tile.
-            states = decay * h_prev + drive
             dt_u = dt * u
             # Sums over the block's channels; other blocks of the same group add to the same entries.
             tl.atomic_add(dC_ptr + bc_offs, tl.sum(g[:, None, :] * states, axis=0), mask=mask_nt)
             tl.atomic_add(dB_ptr + bc_offs, tl.sum(dh * dt_u[:, None, :], axis=0), mask=mask_nt)
-            through_decay = dh * decay * h_prev
+            through_decay = dh * (states - drive)
             dA_acc += tl.sum(through_decay * dt[:, None, :], axis=2)
             dh_B = tl.sum(dh * Bt[None, :, :], axis=1)
             du = dh_B * dt + skip[:, None] * g
@@ -392,14 +394,143 @@ if triton is not None:
         tl.store(dD_part_ptr + part, dD_acc, mask=mask_d)
         tl.store(dbias_part_ptr + part, dbias_acc, mask=mask_d)
 
+    # N = 1 (the v2 models): the same passes on [BLOCK_D, BLOCK_T] tiles, without the state axis.
+
+    @triton.jit
+    def _scan_fwd_n1_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, h_in_ptr, y_ptr, tile_state_ptr,
+        length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
+        STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        """_scan_fwd_kernel for d_state = 1."""
+        batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
+        chunk = tl.program_id(1)
+        n_channels = groups * channels_per_group
+        offs_t = tl.arange(0, BLOCK_T)
+        A = tl.load(A_ptr + channels, mask=mask_d, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(delta_bias_ptr + channels, mask=mask_d, other=0.0)
+        else:
+            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            skip = tl.load(D_ptr + channels, mask=mask_d, other=0.0)
+        else:
+            skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+        pair = (batch * n_channels + channels).to(tl.int64)
+        row = pair * length
+        bc_row = (batch * groups + group).to(tl.int64) * length
+        if HAS_INIT:
+            h = tl.load(h_in_ptr + pair * n_chunks + chunk, mask=mask_d, other=0.0)
+        else:
+            h = tl.zeros([BLOCK_D], dtype=tl.float32)
+        start = chunk * chunk_len
+        stop = tl.minimum(start + chunk_len, length)
+        for t0 in range(start, stop, BLOCK_T):
+            t = t0 + offs_t
+            mask_t = t < stop
+            mask = mask_d[:, None] & mask_t[None, :]
+            if STORE_STATES:
+                tl.store(tile_state_ptr + pair * n_tiles_total + t0 // BLOCK_T, h, mask=mask_d)
+            offs = row[:, None] + t[None, :]
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+            dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
+            Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
+            decay = tl.exp(dt * A[:, None])
+            decay_prefix, local = tl.associative_scan((decay, dt * u * Bt[None, :]), 1, _compose)
+            states = local + decay_prefix * h[:, None]
+            tl.store(y_ptr + offs, states * Ct[None, :] + skip[:, None] * u, mask=mask)
+            h = tl.sum(tl.where((offs_t == BLOCK_T - 1)[None, :], states, 0.0), axis=1)
+
+    @triton.jit
+    def _scan_bwd_n1_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, dy_ptr, dh_in_ptr,
+        tile_state_ptr, du_ptr, ddelta_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+        length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group,
+        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        """_scan_bwd_kernel for d_state = 1."""
+        batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
+        chunk = tl.program_id(1)
+        n_channels = groups * channels_per_group
+        offs_t = tl.arange(0, BLOCK_T)
+        A = tl.load(A_ptr + channels, mask=mask_d, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(delta_bias_ptr + channels, mask=mask_d, other=0.0)
+        else:
+            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            skip = tl.load(D_ptr + channels, mask=mask_d, other=0.0)
+        else:
+            skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+        pair = (batch * n_channels + channels).to(tl.int64)
+        row = pair * length
+        bc_row = (batch * groups + group).to(tl.int64) * length
+        start = chunk * chunk_len
+        stop = tl.minimum(start + chunk_len, length)
+        first_tile = start // BLOCK_T
+        n_tiles = tl.cdiv(stop - start, BLOCK_T)
+        if HAS_INIT:
+            dh_right = tl.load(dh_in_ptr + pair * n_chunks + chunk, mask=mask_d, other=0.0)
+        else:
+            dh_right = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dA_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in range(0, n_tiles):
+            tile = n_tiles - 1 - i
+            t = start + tile * BLOCK_T + offs_t
+            mask_t = t < stop
+            mask = mask_d[:, None] & mask_t[None, :]
+            offs = row[:, None] + t[None, :]
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+            dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
+            Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
+            g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            mask_next = mask_d[:, None] & (t + 1 < stop)[None, :]
+            pre_next = tl.load(delta_ptr + offs + 1, mask=mask_next, other=0.0).to(tl.float32) + bias[:, None]
+            next_decay = tl.exp(tl.where(mask_next, _step_size(pre_next, SOFTPLUS), 0.0) * A[:, None])
+            decay = tl.exp(dt * A[:, None])
+            drive = dt * u * Bt[None, :]
+            h_entry = tl.load(tile_state_ptr + pair * n_tiles_total + first_tile + tile, mask=mask_d, other=0.0)
+            decay_prefix, local = tl.associative_scan((decay, drive), 1, _compose)
+            states = local + decay_prefix * h_entry[:, None]
+            decay_suffix, dh_local = tl.associative_scan((next_decay, g * Ct[None, :]), 1, _compose, reverse=True)
+            dh = dh_local + decay_suffix * dh_right[:, None]
+            dh_right = tl.sum(tl.where((offs_t == 0)[None, :], dh, 0.0), axis=1)
+
+            # Sums over the block's channels; other blocks of the same group add to the same entries.
+            tl.atomic_add(dC_ptr + bc_row + t, tl.sum(g * states, axis=0), mask=mask_t)
+            tl.atomic_add(dB_ptr + bc_row + t, tl.sum(dh * dt * u, axis=0), mask=mask_t)
+            through_decay = dh * (states - drive)
+            dA_acc += tl.sum(through_decay * dt, axis=1)
+            dh_B = dh * Bt[None, :]
+            d_dt = through_decay * A[:, None] + dh_B * u
+            if SOFTPLUS:
+                d_pre = tl.where(pre > 20.0, d_dt, d_dt * tl.sigmoid(pre))
+            else:
+                d_pre = d_dt
+            d_pre = tl.where(mask, d_pre, 0.0)
+            tl.store(du_ptr + offs, dh_B * dt + skip[:, None] * g, mask=mask)
+            tl.store(ddelta_ptr + offs, d_pre, mask=mask)
+            dD_acc += tl.sum(g * u, axis=1)
+            dbias_acc += tl.sum(d_pre, axis=1)
+        part = (batch * n_chunks + chunk).to(tl.int64) * n_channels + channels
+        tl.store(dA_part_ptr + part, dA_acc, mask=mask_d)
+        tl.store(dD_part_ptr + part, dD_acc, mask=mask_d)
+        tl.store(dbias_part_ptr + part, dbias_acc, mask=mask_d)
 
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-# Elements of one [BLOCK_D, N, BLOCK_T] register tile; several such tiles are live at once.
-# Elements of one [BLOCK_D, N, BLOCK_T] register tile; about six such tiles are live in the backward.
-_TILE_ELEMENTS = 4096
+# Elements of one [BLOCK_D, N, BLOCK_T] tile; the backward keeps about eight such tiles live.
+_TILE_ELEMENTS = 2048
 _MAX_BLOCK_D = 64
 _MIN_CHUNK = 256
 _PROGRAMS_PER_SM = 4
@@ -415,40 +546,103 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
-def choose_scan_config(batch, groups, channels_per_group, d_state, length, device="cpu",
-                       chunk_size=None, block_d=None, block_t=None, sm_count=None):
-    """Launch configuration ``(BLOCK_D, BLOCK_N, BLOCK_T, chunk_len, n_chunks, n_blocks, num_warps)``.
+# N = 1 launches, the fastest measured on an H200 (docs/kernels-gpu.md): forward tiles
+# (BLOCK_T, BLOCK_D, num_warps, maxnreg) without and with a backward to follow, and the backward's
+# (BLOCK_D, num_warps, maxnreg) on the training tiles. maxnreg caps registers per thread (None: the
+# compiler's choice), trading spills for more resident programs.
+N1_INFERENCE_TILES = (128, 8, 2, 80)
+N1_TRAINING_TILES = (32, 16, 2, 96)
+N1_BACKWARD_LAUNCH = (8, 2, 64)
 
-    BLOCK_D: the largest power of two within the register budget that splits a group's channels
-    with at most 1/8 of the lanes masked off (96 -> 32, 192 -> 64, 16 -> 16). Chunks: enough
-    (batch, channel block, chunk) programs for about four per SM, no chunk shorter than 256 steps,
-    so that batch 128 at 224x224 runs one chunk (no carry passes) and batch 1 at L = 65,536 many.
+
+class ScanLaunch(NamedTuple):
+    """Launch configuration of one scan call (forward; ``bwd_*`` for its backward)."""
+
+    block_d: int
+    block_n: int
+    block_t: int
+    chunk_len: int
+    n_chunks: int
+    n_blocks: int
+    num_warps: int
+    maxnreg: int | None = None
+    bwd_block_d: int | None = None
+    bwd_num_warps: int | None = None
+    bwd_maxnreg: int | None = None
+
+
+def _default_tiles(block_n: int, training: bool) -> tuple[int, int, int, int | None]:
+    """(BLOCK_T, largest BLOCK_D, num_warps, maxnreg) of the forward.
+
+    N = 1: inference runs long tiles over few channels; when a backward follows, the forward must
+    use the backward's tile length (it stores the state entering each tile), and the backward is
+    fastest on short tiles. N > 1 multiplies the tile by N, so tiles get shorter.
+    """
+    if block_n == 1:
+        return N1_TRAINING_TILES if training else N1_INFERENCE_TILES
+    block_t = 32 if block_n <= 4 else 16
+    return block_t, max(1, min(_MAX_BLOCK_D, _TILE_ELEMENTS // (block_n * block_t))), 4, None
+
+
+def _split_channels(channels_per_group: int, largest: int) -> int:
+    """The largest power-of-two block <= largest that leaves at most 1/8 of the lanes masked off."""
+    block_d = min(largest, _next_power_of_2(channels_per_group))
+    while block_d > 8:
+        blocks = -(-channels_per_group // block_d)
+        if blocks * block_d - channels_per_group <= channels_per_group // 8:
+            break
+        block_d //= 2
+    return block_d
+
+
+def choose_scan_config(batch, groups, channels_per_group, d_state, length, device="cpu",
+                       chunk_size=None, block_d=None, block_t=None, sm_count=None, num_warps=None,
+                       training=False) -> ScanLaunch:
+    """Launch configuration of a scan call.
+
+    Tiles (BLOCK_T steps x BLOCK_D channels), warps and register caps come from ``_default_tiles``
+    and ``N1_BACKWARD_LAUNCH``; BLOCK_D is halved until a group's channels split with at most 1/8
+    of the lanes masked off. Chunks: enough (batch, channel block, chunk) programs for about four
+    per SM, no chunk shorter than 256 steps, so that batch 128 at 224x224 runs one chunk (no carry
+    passes) and batch 1 at L = 65,536 many. ``training`` picks the tiles for a forward that a
+    backward will follow. Explicit ``block_d`` / ``num_warps`` apply to the forward and backward.
     """
     block_n = _next_power_of_2(d_state)
-    block_t = block_t or 16
-    if block_d is None:
-        cap = max(1, min(_MAX_BLOCK_D, _TILE_ELEMENTS // (block_n * block_t)))
-        block_d = min(cap, _next_power_of_2(channels_per_group))
-        while block_d > 8:
-            blocks = -(-channels_per_group // block_d)
-            if blocks * block_d - channels_per_group <= channels_per_group // 8:
-                break
-            block_d //= 2
+    default_t, default_d, default_warps, maxnreg = _default_tiles(block_n, training)
+    # Short sequences (the last stages) get tiles no longer than themselves.
+    block_t = block_t or min(default_t, max(16, _next_power_of_2(length)))
+    explicit_d, explicit_warps = block_d, num_warps
+    num_warps = num_warps or default_warps
+    block_d = block_d or _split_channels(channels_per_group, default_d)
+    if block_n == 1:
+        bwd_d, bwd_warps, bwd_maxnreg = N1_BACKWARD_LAUNCH
+        bwd_d = explicit_d or _split_channels(channels_per_group, bwd_d)
+        bwd_warps = explicit_warps or bwd_warps
+    else:
+        bwd_d, bwd_warps, bwd_maxnreg = block_d, num_warps, maxnreg
+    if explicit_d or explicit_warps:
+        maxnreg = bwd_maxnreg = None
     n_blocks = -(-channels_per_group // block_d)
     if chunk_size is None:
         sm_count = sm_count or _sm_count(torch.device(device))
         programs = batch * groups * n_blocks
         wanted = max(1, -(-_PROGRAMS_PER_SM * sm_count // programs))
         n_chunks = max(1, min(wanted, length // _MIN_CHUNK))
-        chunk_size = -(-length // n_chunks)
+        # Several chunks: rounded down to whole tiles, so there are at least as many as asked for.
+        chunk_size = length if n_chunks == 1 else max(block_t, length // n_chunks // block_t * block_t)
     chunk_len = max(block_t, -(-chunk_size // block_t) * block_t)
     n_chunks = -(-length // chunk_len)
-    num_warps = 8 if block_d * block_n * block_t > 2048 else 4
-    return block_d, block_n, block_t, chunk_len, n_chunks, n_blocks, num_warps
+    return ScanLaunch(block_d, block_n, block_t, chunk_len, n_chunks, n_blocks, num_warps, maxnreg,
+                      bwd_d, bwd_warps, bwd_maxnreg)
 
 
-def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, cfg):
-    block_d, block_n, block_t, chunk_len, n_chunks, n_blocks, num_warps = cfg
+def _register_cap(maxnreg):
+    return {} if maxnreg is None or _INTERPRET else {"maxnreg": maxnreg}
+
+
+def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, cfg, store_states):
+    """y, and the state entering every BLOCK_T tile (None unless store_states)."""
+    block_d, block_n, block_t, chunk_len, n_chunks, n_blocks, num_warps = cfg[:7]
     batch, channels, length = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     per_group = channels // groups
@@ -465,13 +659,20 @@ def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype
             BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps)
         h_in = torch.empty_like(end_state)
         _launch_carry(end_state, dt_sum, A, h_in, reverse=False)
+    n_tiles_total = -(-length // block_t)
+    tile_state = torch.empty(batch, channels, n_tiles_total, d_state, **f32) if store_states else None
     y = torch.empty(batch, channels, length, dtype=output_dtype, device=u.device)
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
-        h_in if h_in is not None else A, y, *shape_args,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=h_in is not None,
-        SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps)
-    return y, h_in
+    args = (u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A,
+            h_in if h_in is not None else A, y, tile_state if store_states else A,
+            length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, per_group)
+    flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=h_in is not None,
+                 SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=block_d, BLOCK_T=block_t,
+                 num_warps=num_warps)
+    if d_state == 1:
+        _scan_fwd_n1_kernel[grid](*args, **flags, **_register_cap(cfg.maxnreg))
+    else:
+        _scan_fwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
+    return y, tile_state
 
 
 def _launch_carry(local, dt_sum, A, carry, reverse):
@@ -484,11 +685,14 @@ def _launch_carry(local, dt_sum, A, carry, reverse):
         REVERSE=reverse, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
 
 
-def _scan_backward(u, delta, A, B, C, D, delta_bias, h_in, dy, delta_softplus, cfg):
-    block_d, block_n, block_t, chunk_len, n_chunks, n_blocks, num_warps = cfg
+def _scan_backward(u, delta, A, B, C, D, delta_bias, tile_state, dy, delta_softplus, cfg):
+    # Same tiles along L as the forward (tile_state is per tile); its own channel blocks and warps.
+    block_n, block_t, chunk_len, n_chunks = cfg.block_n, cfg.block_t, cfg.chunk_len, cfg.n_chunks
+    block_d, num_warps = cfg.bwd_block_d, cfg.bwd_num_warps
     batch, channels, length = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     per_group = channels // groups
+    n_blocks = -(-per_group // block_d)
     grid = (batch * groups * n_blocks, n_chunks)
     f32 = dict(dtype=torch.float32, device=u.device)
     shape_args = (length, chunk_len, n_chunks, n_blocks, groups, per_group, d_state)
@@ -504,7 +708,6 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, h_in, dy, delta_softplus, c
         dh_in = torch.empty_like(end_grad)
         _launch_carry(end_grad, dt_sum, A, dh_in, reverse=True)
     n_tiles_total = -(-length // block_t)
-    tile_state = torch.empty(batch, channels, n_tiles_total, d_state, **f32)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dB = torch.zeros(B.shape, **f32)
@@ -512,13 +715,16 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, h_in, dy, delta_softplus, c
     dA_part = torch.empty(batch * n_chunks, channels, d_state, **f32)
     dD_part = torch.empty(batch * n_chunks, channels, **f32)
     dbias_part = torch.empty(batch * n_chunks, channels, **f32)
-    _scan_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
-        dy, h_in if h_in is not None else dummy, dh_in if dh_in is not None else dummy,
-        tile_state, du, ddelta, dB, dC, dA_part, dD_part, dbias_part,
-        length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, per_group, d_state,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=n_chunks > 1,
-        SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps)
+    args = (u, delta, A, B, C, D if D is not None else dummy, delta_bias if delta_bias is not None else dummy,
+            dy, dh_in if dh_in is not None else dummy,
+            tile_state, du, ddelta, dB, dC, dA_part, dD_part, dbias_part,
+            length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, per_group)
+    flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=n_chunks > 1,
+                 SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=num_warps)
+    if d_state == 1:
+        _scan_bwd_n1_kernel[grid](*args, **flags, **_register_cap(cfg.bwd_maxnreg))
+    else:
+        _scan_bwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if D is not None else None
     dbias = dbias_part.sum(0) if delta_bias is not None else None
@@ -528,27 +734,31 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, h_in, dy, delta_softplus, c
 class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, cfg):
-        y, h_in = _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, cfg)
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, h_in)
+        # Tile-entry states are kept only when a backward can follow.
+        store_states = any(ctx.needs_input_grad[:7])
+        y, tile_state = _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, cfg,
+                                      store_states)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, tile_state)
         ctx.delta_softplus = delta_softplus
         ctx.cfg = cfg
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        u, delta, A, B, C, D, delta_bias, h_in = ctx.saved_tensors
+        u, delta, A, B, C, D, delta_bias, tile_state = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
-            u, delta, A, B, C, D, delta_bias, h_in, dy.contiguous(), ctx.delta_softplus, ctx.cfg)
+            u, delta, A, B, C, D, delta_bias, tile_state, dy.contiguous(), ctx.delta_softplus, ctx.cfg)
         # A, D, delta_bias are float32 here; autograd carries their gradients back through .float().
         return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias, None, None, None)
 
 
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
-                   output_dtype=torch.float32, chunk_size=None, block_d=None, block_t=None):
+                   output_dtype=torch.float32, chunk_size=None, block_d=None, block_t=None, num_warps=None):
     """Selective scan (spec §5.2) with a Triton forward and backward; float32 state.
 
-    ``chunk_size`` / ``block_d`` / ``block_t`` override the launch heuristic (tests use a small
-    ``chunk_size`` to exercise the cross-chunk carry).
+    ``chunk_size`` / ``block_d`` / ``block_t`` / ``num_warps`` override the launch heuristic (tests
+    use a small ``chunk_size`` to exercise the cross-chunk carry; the GPU benchmark sweeps the rest).
+    ``block_t`` must be a power of two.
     """
     from .scan_torch import check_scan_shapes
 
@@ -556,8 +766,10 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
         raise RuntimeError("the triton scan backend needs the triton package")
     groups = check_scan_shapes(u, delta, A, B, C, D, delta_bias)
     batch, channels, length = u.shape
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, delta_bias))
     cfg = choose_scan_config(batch, groups, channels // groups, A.shape[1], length, u.device,
-                             chunk_size, block_d, block_t)
+                             chunk_size, block_d, block_t, num_warps=num_warps, training=training)
     # A, D and delta_bias are float32 in VMamba; the kernels read them as float32.
     A_f = A.float().contiguous()
     D_f = None if D is None else D.float().contiguous()
@@ -575,67 +787,87 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
 if triton is not None:
 
     @triton.jit
-    def _cross_kernel(x_ptr, seq_ptr, n_channels, height, width,
-                      MERGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-        """One program = one (batch, channel) plane, one BLOCK_H x BLOCK_W tile of pixels.
+    def _cross_kernel(x_ptr, seq_ptr, n_channels, height, width, stride_b, stride_c, stride_h, stride_w,
+                      MERGE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                      MIRROR: tl.constexpr = False):
+        """One program = one batch element, BLOCK_C channels, one BLOCK_H x BLOCK_W tile of pixels.
 
         Pixel (h, w) sits at sequence position h*W+w (k=0), w*H+h (k=1) and their mirrors L-1-...
-        (k=2, 3). MERGE=False scatters x to the four sequences; MERGE=True gathers and sums them.
+        (k=2, 3). The map is addressed through its strides, so NCHW and channels-last tensors are read
+        (MERGE=False: scatter x to the four sequences) or written (MERGE=True: gather and sum them) in
+        place; the compiler moves the tile between the map's and the sequences' fast axes.
         """
-        tile = tl.program_id(0)
-        plane = tl.program_id(1).to(tl.int64)          # batch * n_channels + channel
+        pid = tl.program_id(0)
+        tile = tl.program_id(1)
+        channel_blocks = tl.cdiv(n_channels, BLOCK_C)
+        batch = (pid // channel_blocks).to(tl.int64)
+        offs_c = (pid % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         tiles_w = tl.cdiv(width, BLOCK_W)
         offs_h = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_w = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-        mask = (offs_h < height)[:, None] & (offs_w < width)[None, :]
+        c3 = offs_c[:, None, None]
+        h3 = offs_h[None, :, None]
+        w3 = offs_w[None, None, :]
+        mask = (c3 < n_channels) & (h3 < height) & (w3 < width)
         length = height * width
-        row_major = offs_h[:, None] * width + offs_w[None, :]
-        col_major = offs_w[None, :] * height + offs_h[:, None]
-        batch = plane // n_channels
-        channel = plane % n_channels
+        row_major = h3 * width + w3
+        col_major = w3 * height + h3
         # seq is (B, 4, C, L): direction k of (batch, channel) starts at ((batch*4 + k)*C + channel)*L.
-        seq0 = seq_ptr + ((batch * 4 + 0) * n_channels + channel) * length
-        seq1 = seq_ptr + ((batch * 4 + 1) * n_channels + channel) * length
-        seq2 = seq_ptr + ((batch * 4 + 2) * n_channels + channel) * length
-        seq3 = seq_ptr + ((batch * 4 + 3) * n_channels + channel) * length
-        x_tile = x_ptr + plane * length + row_major
+        plane = (batch * 4 * n_channels + c3) * length
+        step = n_channels * length
+        x_tile = x_ptr + batch * stride_b + c3 * stride_c + h3 * stride_h + w3 * stride_w
         if MERGE:
-            total = tl.load(seq0 + row_major, mask=mask, other=0.0).to(tl.float32)
-            total += tl.load(seq1 + col_major, mask=mask, other=0.0).to(tl.float32)
-            total += tl.load(seq2 + (length - 1 - row_major), mask=mask, other=0.0).to(tl.float32)
-            total += tl.load(seq3 + (length - 1 - col_major), mask=mask, other=0.0).to(tl.float32)
+            total = tl.load(seq_ptr + plane + row_major, mask=mask, other=0.0).to(tl.float32)
+            total += tl.load(seq_ptr + plane + step + col_major, mask=mask, other=0.0).to(tl.float32)
+            total += tl.load(seq_ptr + plane + 2 * step + (length - 1 - row_major), mask=mask, other=0.0).to(tl.float32)
+            total += tl.load(seq_ptr + plane + 3 * step + (length - 1 - col_major), mask=mask, other=0.0).to(tl.float32)
             tl.store(x_tile, total, mask=mask)
         else:
             value = tl.load(x_tile, mask=mask, other=0.0)
-            tl.store(seq0 + row_major, value, mask=mask)
-            tl.store(seq1 + col_major, value, mask=mask)
-            tl.store(seq2 + (length - 1 - row_major), value, mask=mask)
-            tl.store(seq3 + (length - 1 - col_major), value, mask=mask)
+            tl.store(seq_ptr + plane + row_major, value, mask=mask)
+            tl.store(seq_ptr + plane + step + col_major, value, mask=mask)
+            if MIRROR:
+                # The mirrored routes written in ascending order: pixel (H-1-h, W-1-w) sits at
+                # position h*W+w of route 2 and w*H+h of route 3, so read x there instead.
+                mirrored = tl.load(x_ptr + batch * stride_b + c3 * stride_c + (height - 1 - h3) * stride_h
+                                   + (width - 1 - w3) * stride_w, mask=mask, other=0.0)
+                tl.store(seq_ptr + plane + 2 * step + row_major, mirrored, mask=mask)
+                tl.store(seq_ptr + plane + 3 * step + col_major, mirrored, mask=mask)
+            else:
+                tl.store(seq_ptr + plane + 2 * step + (length - 1 - row_major), value, mask=mask)
+                tl.store(seq_ptr + plane + 3 * step + (length - 1 - col_major), value, mask=mask)
 
 
-_CROSS_BLOCK = 32
+# (BLOCK_C, BLOCK_H = BLOCK_W, num_warps) per direction, the fastest measured on an H200 for a
+# channels-last VMamba-T stage-0 map (docs/kernels-gpu.md): narrow channel blocks, wide pixel tiles.
+_CROSS_SCAN_LAUNCH = (4, 32, 4)
+_CROSS_MERGE_LAUNCH = (8, 16, 4)
 
 
-def _cross_launch(x, seq, merge):
+def _cross_launch(x, seq, merge, block_c=None, block_hw=None, mirror=True, num_warps=None):
     batch, channels, height, width = x.shape
-    block_h = min(_CROSS_BLOCK, _next_power_of_2(height))
-    block_w = min(_CROSS_BLOCK, _next_power_of_2(width))
-    grid = (triton.cdiv(height, block_h) * triton.cdiv(width, block_w), batch * channels)
-    _cross_kernel[grid](x, seq, channels, height, width,
-                        MERGE=merge, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
+    default_c, default_hw, default_warps = _CROSS_MERGE_LAUNCH if merge else _CROSS_SCAN_LAUNCH
+    block_c = min(block_c or default_c, _next_power_of_2(channels))
+    block_h = min(block_hw or default_hw, _next_power_of_2(height))
+    block_w = min(block_hw or default_hw, _next_power_of_2(width))
+    grid = (batch * triton.cdiv(channels, block_c), triton.cdiv(height, block_h) * triton.cdiv(width, block_w))
+    _cross_kernel[grid](x, seq, channels, height, width, *x.stride(),
+                        MERGE=merge, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
+                        MIRROR=bool(mirror and not merge), num_warps=num_warps or default_warps)
 
 
-def _scan_layout(x):
+def _scan_layout(x, **launch):
     b, d, h, w = x.shape
     seq = torch.empty(b, 4, d, h * w, dtype=x.dtype, device=x.device)
-    _cross_launch(x.contiguous(), seq, merge=False)
+    _cross_launch(x, seq, merge=False, **launch)
     return seq
 
 
-def _merge_layout(seq, height, width):
+def _merge_layout(seq, height, width, **launch):
+    """(B, 4, D, L) -> (B, D, H, W) with channels-last strides (what a channel LayerNorm reads best)."""
     b, _, d, _ = seq.shape
-    out = torch.empty(b, d, height, width, dtype=seq.dtype, device=seq.device)
-    _cross_launch(out, seq.contiguous(), merge=True)
+    out = torch.empty(b, d, height, width, dtype=seq.dtype, device=seq.device, memory_format=torch.channels_last)
+    _cross_launch(out, seq.contiguous(), merge=True, **launch)
     return out
 
 
@@ -681,7 +913,8 @@ def cross_merge(ys: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 # Pointer arguments that carry the caller's activation dtype; every other pointer is float32.
-_IO_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "du_ptr", "ddelta_ptr", "x_ptr", "seq_ptr"}
+_IO_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "du_ptr", "ddelta_ptr", "x_ptr", "seq_ptr",
+                "y_ptr", "dy_ptr", "dx_ptr"}
 
 
 def kernel_variants(d_states=(1, 16)):
@@ -690,22 +923,36 @@ def kernel_variants(d_states=(1, 16)):
     flags = dict(HAS_BIAS=True, SOFTPLUS=True)
     for d_state in d_states:
         # VMamba-T stage 0 (K=4, 96 channels per direction) for N = 1; v0 (N = 16) at 192 channels.
-        cfg = choose_scan_config(128, 4, 96 if d_state == 1 else 192, d_state, 3136, sm_count=132)
-        block_d, block_n, block_t, _, _, _, num_warps = cfg
+        cfg = choose_scan_config(128, 4, 96 if d_state == 1 else 192, d_state, 3136, sm_count=132, training=True)
+        block_d, block_n, block_t, num_warps = cfg.block_d, cfg.block_n, cfg.block_t, cfg.num_warps
         blocks = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t)
         full = dict(HAS_D=True, HAS_INIT=True, **flags)
         variants += [
             (f"chunk_state[N={d_state}]", _scan_chunk_state_kernel, dict(**flags, **blocks), num_warps),
-            (f"scan_fwd[N={d_state}]", _scan_fwd_kernel, dict(**full, **blocks), num_warps),
             (f"bwd_chunk[N={d_state}]", _scan_bwd_chunk_kernel, dict(**flags, **blocks), num_warps),
-            (f"scan_bwd[N={d_state}]", _scan_bwd_kernel, dict(**full, **blocks), num_warps),
         ]
+        if d_state == 1:
+            blocks_2d = dict(BLOCK_D=block_d, BLOCK_T=block_t)
+            variants += [
+                ("scan_fwd[N=1]", _scan_fwd_n1_kernel, dict(**full, STORE_STATES=True, **blocks_2d), num_warps),
+                ("scan_bwd[N=1]", _scan_bwd_n1_kernel, dict(**full, **blocks_2d), num_warps),
+            ]
+        else:
+            variants += [
+                (f"scan_fwd[N={d_state}]", _scan_fwd_kernel, dict(**full, STORE_STATES=True, **blocks), num_warps),
+                (f"scan_bwd[N={d_state}]", _scan_bwd_kernel, dict(**full, **blocks), num_warps),
+            ]
         for reverse in (False, True):
             variants.append((f"chunk_carry[N={d_state},reverse={reverse}]", _chunk_carry_kernel,
                              dict(REVERSE=reverse, BLOCK_R=max(1, min(128, 2048 // block_n)), BLOCK_N=block_n), 4))
+    from .layernorm_triton import _ln_bwd_kernel, _ln_fwd_kernel
+
+    variants += [("ln_fwd", _ln_fwd_kernel, dict(BLOCK_R=32, BLOCK_C=128), 4),
+                 ("ln_bwd", _ln_bwd_kernel, dict(BLOCK_R=32, BLOCK_C=128), 4)]
     for merge in (False, True):
         variants.append((f"cross[merge={merge}]", _cross_kernel,
-                         dict(MERGE=merge, BLOCK_H=_CROSS_BLOCK, BLOCK_W=_CROSS_BLOCK), 4))
+                         dict(MERGE=merge, BLOCK_C=_CROSS_SCAN_LAUNCH[0], BLOCK_H=_CROSS_SCAN_LAUNCH[1],
+                              BLOCK_W=_CROSS_SCAN_LAUNCH[1], MIRROR=not merge), 4))
     return variants
 
 
@@ -731,6 +978,8 @@ def compile_kernels(capability: int, io_dtypes=("fp32", "bf16"), d_states=(1, 16
                     signature[p.name] = "constexpr"
                 elif p.name.endswith("_ptr"):
                     signature[p.name] = f"*{io}" if p.name in _IO_POINTERS else "*fp32"
+                elif p.name == "eps":
+                    signature[p.name] = "fp32"
                 else:
                     signature[p.name] = "i32"
             compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,

@@ -98,16 +98,20 @@ def test_scan_matches_official_fixture(fixtures_dir, prefix):
 @pytest.mark.parametrize("d_state", [1, 8, 16])
 def test_scan_multi_chunk_matches_reference(d_state):
     # L = 37 is a multiple of no block size; 6 channels per group leave masked lanes in BLOCK_D = 8;
-    # chunk_size = 16 gives three chunks, so both carry passes (forward h, backward dh) run.
+    # chunk_size = 16 with 8-step tiles gives three chunks of two tiles, so both carry passes
+    # (forward h, backward dh) and the tile-to-tile hand-over inside a chunk run.
+    cfg = scan_triton.choose_scan_config(1, 2, 6, d_state, 37, chunk_size=16, block_t=8)
+    assert cfg[2:5] == (8, 16, 3)
     inputs = _make_scan_inputs(batch=1, groups=2, per_group=6, d_state=d_state, length=37, seed=d_state)
-    _assert_close_to_reference(inputs, tol=1e-5, chunk_size=16)
+    _assert_close_to_reference(inputs, tol=1e-5, chunk_size=16, block_t=8)
 
 
 def test_scan_chunked_equals_single_chunk():
     inputs = _make_scan_inputs(batch=2, groups=1, per_group=4, d_state=2, length=40, seed=3)
     dout = torch.randn(2, 4, 40, generator=torch.Generator().manual_seed(1))
     y_one, grads_one = _run_scan(scan_triton.selective_scan, inputs, dout, delta_softplus=True)
-    y_many, grads_many = _run_scan(scan_triton.selective_scan, inputs, dout, delta_softplus=True, chunk_size=16)
+    y_many, grads_many = _run_scan(scan_triton.selective_scan, inputs, dout, delta_softplus=True,
+                                   chunk_size=16, block_t=8)
     assert _relative_error(y_many, y_one) <= 1e-6
     for name in SCAN_INPUTS:
         assert _relative_error(grads_many[name], grads_one[name]) <= 1e-5, name
@@ -164,15 +168,22 @@ def test_dispatcher_uses_triton_only_when_asked_on_cpu():
 
 
 def test_launch_heuristic_fills_the_gpu():
-    # Batch 128 at 224x224, stage 0 of VMamba-T: enough programs without chunking.
-    block_d, _, block_t, chunk_len, n_chunks, n_blocks, _ = scan_triton.choose_scan_config(
-        128, 4, 96, 1, 3136, sm_count=132)
-    assert (block_d, n_blocks, n_chunks) == (32, 3, 1)
-    # Batch 1 at 1024x1024: the sequence is cut into chunks until ~4 programs per SM exist.
-    block_d, _, block_t, chunk_len, n_chunks, n_blocks, _ = scan_triton.choose_scan_config(
-        1, 4, 96, 1, 65536, sm_count=132)
-    assert 4 * n_blocks * n_chunks >= 4 * 132
-    assert chunk_len % block_t == 0 and chunk_len >= 256 and chunk_len * n_chunks >= 65536
+    for training in (False, True):
+        # Batch 128 at 224x224, stage 0 of VMamba-T: enough programs without chunking, few masked lanes.
+        block_d, _, block_t, chunk_len, n_chunks, n_blocks, *_ = scan_triton.choose_scan_config(
+            128, 4, 96, 1, 3136, sm_count=132, training=training)
+        assert n_chunks == 1 and chunk_len >= 3136
+        assert 96 <= n_blocks * block_d <= 96 + 96 // 8
+        assert 128 * 4 * n_blocks >= 4 * 132
+        # Batch 1 at 1024x1024: the sequence is cut into chunks until ~4 programs per SM exist.
+        block_d, _, block_t, chunk_len, n_chunks, n_blocks, *_ = scan_triton.choose_scan_config(
+            1, 4, 96, 1, 65536, sm_count=132, training=training)
+        assert 4 * n_blocks * n_chunks >= 4 * 132
+        assert chunk_len % block_t == 0 and chunk_len >= 256 and chunk_len * n_chunks >= 65536
+    # Training uses the backward's (shorter) tiles for the forward too; tiles never outgrow short sequences.
+    assert scan_triton.choose_scan_config(128, 4, 96, 1, 3136, training=True)[2] <= \
+        scan_triton.choose_scan_config(128, 4, 96, 1, 3136, training=False)[2]
+    assert scan_triton.choose_scan_config(128, 4, 768, 1, 49)[2] <= 64
     # N = 16 keeps the register tile within budget with fewer channels per program.
     block_d, block_n, block_t, *_ = scan_triton.choose_scan_config(128, 4, 192, 16, 3136, sm_count=132)
     assert block_n == 16 and block_d * block_n * block_t <= 4096
@@ -189,6 +200,18 @@ def test_cross_scan_and_merge_match_reference(height, width):
     assert torch.equal(scan_triton.cross_scan(x), cross_scan_reference(x))
     ys = torch.randn(2, 4, 3, height, width, generator=gen)
     torch.testing.assert_close(scan_triton.cross_merge(ys), cross_merge_reference(ys), rtol=1e-6, atol=1e-6)
+
+
+def test_cross_scan_and_merge_channels_last():
+    # The model's activations are NCHW-shaped with channels-last strides: read and written in place.
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 5, 6, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    assert torch.equal(scan_triton.cross_scan(x), cross_scan_reference(x))
+    ys = torch.randn(2, 4, 5, 6, 3, generator=gen)
+    merged = scan_triton.cross_merge(ys)
+    assert merged.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(merged, cross_merge_reference(ys), rtol=1e-6, atol=1e-6)
 
 
 def test_cross_scan_and_merge_gradients():
@@ -266,6 +289,7 @@ def test_every_kernel_compiles_for_gpu(aot_results, cap, io, d_states):
             expected.add(f"chunk_carry[N={n},reverse={reverse}]/fp32")
     for merge in (False, True):
         expected.add(f"cross[merge={merge}]/{io}")
+    expected |= {f"ln_fwd/{io}", f"ln_bwd/{io}"}
     assert set(compiled) == expected
     for label, info in compiled.items():
         assert info["cubin_bytes"] > 1000, label
@@ -297,3 +321,37 @@ def test_ss2d_core_with_triton_matches_torch_backend():
     assert _relative_error(out_t, out_ref) <= 1e-5
     for name, grad in grads_ref.items():
         assert _relative_error(grads_t[name], grad) <= 1e-5, name
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel LayerNorm (rows of a channels-last map)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,channels", [(37, 96), (3, 768), (64, 24)])
+def test_layer_norm_rows_matches_torch(rows, channels):
+    from vmamba_cli.kernels.layernorm_triton import layer_norm_rows
+
+    gen = torch.Generator().manual_seed(rows + channels)
+    x = (torch.randn(rows, channels, generator=gen) * 3 + 1).requires_grad_(True)
+    weight = torch.randn(channels, generator=gen).requires_grad_(True)
+    bias = torch.randn(channels, generator=gen).requires_grad_(True)
+    dout = torch.randn(rows, channels, generator=gen)
+    results = []
+    for fn in (layer_norm_rows, lambda *a: torch.nn.functional.layer_norm(a[0], (channels,), *a[1:])):
+        for t in (x, weight, bias):
+            t.grad = None
+        y = fn(x, weight, bias, 1e-5)
+        (y * dout).sum().backward()
+        results.append([y.detach()] + [t.grad.clone() for t in (x, weight, bias)])
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), *results):
+        assert _relative_error(got, want) <= 1e-5, name
+
+
+def test_layer_norm_rows_low_precision_input():
+    from vmamba_cli.kernels.layernorm_triton import layer_norm_rows
+
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    weight, bias = torch.ones(40), torch.zeros(40)
+    y = layer_norm_rows(x, weight, bias)
+    assert y.dtype == torch.bfloat16
+    assert _relative_error(y, torch.nn.functional.layer_norm(x.float(), (40,), weight, bias)) <= 1e-2

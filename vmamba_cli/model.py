@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vmamba_cli.flops import in_dispatch_mode
 from vmamba_cli.kernels import cross_selective_scan
 
 LN_EPS = 1e-5
@@ -151,13 +152,35 @@ def _parse_forward_type(forward_type: str) -> tuple[bool, bool]:
 # Layers
 # ------------------------------------------------------------------------------------------------
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel axis of an NCHW tensor."""
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last axis; on CUDA a Triton kernel for contiguous rows (the model's case).
+
+    ``backend`` follows the model's scan backend (``VSSM.set_scan_backend``): "auto" / "triton" use
+    the kernel where it applies, anything else plain ``F.layer_norm``.
+    """
+
+    backend = "auto"
+
+    def _rows_kernel(self, x: torch.Tensor):
+        if not (x.is_cuda and x.is_contiguous() and self.elementwise_affine and self.bias is not None
+                and self.backend in ("auto", "triton") and not in_dispatch_mode()):
+            return None
+        from vmamba_cli.kernels import layernorm_triton
+
+        return layernorm_triton.layer_norm_rows if layernorm_triton.is_available(x.device) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        kernel = self._rows_kernel(x)
+        if kernel is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return kernel(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.eps).view(x.shape)
+
+
+class LayerNorm2d(LayerNorm):
+    """LayerNorm over the channel axis of an NCHW tensor (rows when it is channels-last in memory)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class Linear2d(nn.Linear):
@@ -214,7 +237,7 @@ class _Layout:
         self.channels_first = channels_first
 
     def norm(self, dim: int) -> nn.Module:
-        return LayerNorm2d(dim, eps=LN_EPS) if self.channels_first else nn.LayerNorm(dim, eps=LN_EPS)
+        return LayerNorm2d(dim, eps=LN_EPS) if self.channels_first else LayerNorm(dim, eps=LN_EPS)
 
     def linear(self, d_in: int, d_out: int, bias: bool = True) -> nn.Module:
         return Linear2d(d_in, d_out, bias=bias) if self.channels_first else nn.Linear(d_in, d_out, bias=bias)
@@ -425,10 +448,15 @@ class VSSM(nn.Module):
 
     # -- knobs ---------------------------------------------------------------------------------
     def set_scan_backend(self, backend: str) -> "VSSM":
-        """Choose the selective-scan backend ("auto", "torch", "reference", ...) for every block."""
+        """Choose the selective-scan backend ("auto", "torch", "reference", ...) for every block.
+
+        The channel LayerNorms follow: their Triton kernel runs only under "auto" or "triton".
+        """
         for m in self.modules():
             if isinstance(m, SS2D):
                 m.scan_backend = backend
+            elif isinstance(m, LayerNorm):
+                m.backend = backend
         return self
 
     def reset_classifier(self, num_classes: int) -> None:

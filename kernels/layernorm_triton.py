@@ -1,0 +1,131 @@
+"""LayerNorm over the channels of a channels-last activation, in Triton (forward and backward).
+
+VMamba's channel-first models normalise NCHW maps over C; the model keeps them channels-last in
+memory, so each pixel's C values are one contiguous row of a (pixels, C) matrix. PyTorch's
+LayerNorm kernel is tuned for long rows and runs at about a third of memory bandwidth on rows of
+96-768 values; here each program normalises a block of rows at once.
+
+    y = layer_norm_rows(x, weight, bias, eps)        x: (rows, C), any float dtype -> same dtype
+
+Under autocast the inputs are taken in float32 and the result is float32 (what autocast does for
+``F.layer_norm``). Works under ``TRITON_INTERPRET=1`` on CPU tensors (how the tests run).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .scan_triton import _INTERPRET, _next_power_of_2, triton
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["layer_norm_rows", "is_available"]
+
+_TILE_ELEMENTS = 4096
+
+
+def is_available(device) -> bool:
+    if triton is None:
+        return False
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.is_available()) or (device.type == "cpu" and _INTERPRET)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n_cols, eps,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        mask_r = rows < n_rows
+        mask_c = cols < n_cols
+        mask = mask_r[:, None] & mask_c[None, :]
+        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / n_cols
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0)
+        b = tl.load(b_ptr + cols, mask=mask_c, other=0.0)
+        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(y_ptr + offs, y, mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=mask_r)
+        tl.store(rstd_ptr + rows, rstd, mask=mask_r)
+
+    @triton.jit
+    def _ln_bwd_kernel(x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+                       n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dx per row; dw, db summed over the program's rows into one partial row each."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        mask_r = rows < n_rows
+        mask_c = cols < n_cols
+        mask = mask_r[:, None] & mask_c[None, :]
+        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
+        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wg = g * w[None, :]
+        mean_wg_xhat = tl.sum(wg * xhat, axis=1) / n_cols
+        mean_wg = tl.sum(wg, axis=1) / n_cols
+        dx = (wg - xhat * mean_wg_xhat[:, None] - mean_wg[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx, mask=mask)
+        tl.store(dw_part_ptr + pid * n_cols + cols, tl.sum(g * xhat, axis=0), mask=mask_c)
+        tl.store(db_part_ptr + pid * n_cols + cols, tl.sum(g, axis=0), mask=mask_c)
+
+
+def _launch_shape(n_cols):
+    block_c = _next_power_of_2(n_cols)
+    block_r = max(1, _TILE_ELEMENTS // block_c)
+    num_warps = 4 if block_c * block_r <= 4096 else 8
+    return block_r, block_c, num_warps
+
+
+class _LayerNormRows(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, weight, bias, eps):
+        x = x.contiguous()
+        n_rows, n_cols = x.shape
+        block_r, block_c, num_warps = _launch_shape(n_cols)
+        y = torch.empty_like(x)
+        stats = dict(dtype=torch.float32, device=x.device)
+        mean = torch.empty(n_rows, **stats)
+        rstd = torch.empty(n_rows, **stats)
+        w = weight.float().contiguous()
+        _ln_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+            x, w, bias.float().contiguous(), y, mean, rstd, n_rows, n_cols, eps,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x, w, mean, rstd = ctx.saved_tensors
+        n_rows, n_cols = x.shape
+        block_r, block_c, num_warps = _launch_shape(n_cols)
+        programs = triton.cdiv(n_rows, block_r)
+        dx = torch.empty_like(x)
+        parts = dict(dtype=torch.float32, device=x.device)
+        dw_part = torch.empty(programs, n_cols, **parts)
+        db_part = torch.empty(programs, n_cols, **parts)
+        _ln_bwd_kernel[(programs,)](x, w, dy.contiguous(), mean, rstd, dx, dw_part, db_part, n_rows, n_cols,
+                                    BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        return dx, dw_part.sum(0).to(ctx.weight_dtype), db_part.sum(0).to(ctx.bias_dtype), None
+
+
+def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last axis of a (rows, C) tensor, like ``F.layer_norm(x, (C,), weight, bias, eps)``."""
+    if triton is None:
+        raise RuntimeError("layer_norm_rows needs the triton package")
+    if x.dim() != 2:
+        raise ValueError(f"layer_norm_rows expects (rows, C), got {tuple(x.shape)}")
+    return _LayerNormRows.apply(x, weight, bias, float(eps))
