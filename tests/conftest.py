@@ -1,7 +1,10 @@
 import os
 
-# The Triton interpreter must be chosen before triton is first imported (machine-facts §1).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The Triton interpreter must be chosen before triton is first imported (machine-facts §1). On a
+# GPU machine, `VMAMBA_GPU_TESTS=1 python -m pytest tests/test_gpu.py` runs the real kernels instead
+# (the interpreter-only tests then skip themselves).
+if os.environ.get("VMAMBA_GPU_TESTS", "0") in ("", "0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
