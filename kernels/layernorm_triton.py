@@ -35,14 +35,19 @@ def is_available(device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n_cols, eps,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _row_block(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Rows of this program, columns, their masks and the element offsets of the block."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         mask_r = rows < n_rows
         mask_c = cols < n_cols
-        mask = mask_r[:, None] & mask_c[None, :]
         offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        return rows, cols, mask_r, mask_c, mask_r[:, None] & mask_c[None, :], offs
+
+    @triton.jit
+    def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, n_cols, eps,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows, cols, mask_r, mask_c, mask, offs = _row_block(n_rows, n_cols, BLOCK_R, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / n_cols
         centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -59,12 +64,7 @@ if triton is not None:
                        n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """dx per row; dw, db summed over the program's rows into one partial row each."""
         pid = tl.program_id(0)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_C)
-        mask_r = rows < n_rows
-        mask_c = cols < n_cols
-        mask = mask_r[:, None] & mask_c[None, :]
-        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        rows, cols, mask_r, mask_c, mask, offs = _row_block(n_rows, n_cols, BLOCK_R, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)

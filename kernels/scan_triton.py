@@ -95,6 +95,15 @@ if triton is not None:
         return batch, group, channels, mask_d
 
     @triton.jit
+    def _per_channel(ptr, channels, mask_d, PRESENT: tl.constexpr, BLOCK_D: tl.constexpr):
+        """An optional per-channel parameter (D, delta_bias) of the block's channels; zeros if absent."""
+        if PRESENT:
+            value = tl.load(ptr + channels, mask=mask_d, other=0.0)
+        else:
+            value = tl.zeros([BLOCK_D], dtype=tl.float32)
+        return value
+
+    @triton.jit
     def _step_size(pre, SOFTPLUS: tl.constexpr):
         if SOFTPLUS:
             # torch's softplus (threshold 20); log(1 + exp(-|x|)) never overflows.
@@ -151,10 +160,7 @@ if triton is not None:
         mask_dn = mask_d[:, None] & mask_n[None, :]
         offs_t = tl.arange(0, BLOCK_T)
         A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(delta_bias_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
         row = (batch * n_channels + channels).to(tl.int64) * length
         bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
         start = chunk * chunk_len
@@ -222,14 +228,8 @@ if triton is not None:
         mask_dn = mask_d[:, None] & mask_n[None, :]
         offs_t = tl.arange(0, BLOCK_T)
         A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(delta_bias_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_D:
-            skip = tl.load(D_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
+        skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
         pair = (batch * n_channels + channels).to(tl.int64)
         row = pair * length
         bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
@@ -275,10 +275,7 @@ if triton is not None:
         mask_dn = mask_d[:, None] & mask_n[None, :]
         offs_t = tl.arange(0, BLOCK_T)
         A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(delta_bias_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
         row = (batch * n_channels + channels).to(tl.int64) * length
         bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
         start = chunk * chunk_len
@@ -328,14 +325,8 @@ if triton is not None:
         mask_dn = mask_d[:, None] & mask_n[None, :]
         offs_t = tl.arange(0, BLOCK_T)
         A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(delta_bias_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_D:
-            skip = tl.load(D_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
+        skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
         pair = (batch * n_channels + channels).to(tl.int64)
         row = pair * length
         bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
@@ -409,14 +400,8 @@ if triton is not None:
         n_channels = groups * channels_per_group
         offs_t = tl.arange(0, BLOCK_T)
         A = tl.load(A_ptr + channels, mask=mask_d, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(delta_bias_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_D:
-            skip = tl.load(D_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
+        skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
         pair = (batch * n_channels + channels).to(tl.int64)
         row = pair * length
         bc_row = (batch * groups + group).to(tl.int64) * length
@@ -458,14 +443,8 @@ if triton is not None:
         n_channels = groups * channels_per_group
         offs_t = tl.arange(0, BLOCK_T)
         A = tl.load(A_ptr + channels, mask=mask_d, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(delta_bias_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_D:
-            skip = tl.load(D_ptr + channels, mask=mask_d, other=0.0)
-        else:
-            skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
+        skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
         pair = (batch * n_channels + channels).to(tl.int64)
         row = pair * length
         bc_row = (batch * groups + group).to(tl.int64) * length
