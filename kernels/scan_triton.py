@@ -95,6 +95,19 @@ if triton is not None:
         return batch, group, channels, mask_d
 
     @triton.jit
+    def _state_block(A_ptr, batch, group, channels, mask_d, groups, channels_per_group, d_state, length,
+                     BLOCK_N: tl.constexpr):
+        """What every N > 1 kernel derives first: state lanes and masks, A of the block's channels,
+        and the offsets of the (batch, group) rows of B and C."""
+        n_channels = groups * channels_per_group
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d_state
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
+        bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
+        return n_channels, offs_n, mask_n, mask_dn, A, bc_row
+
+    @triton.jit
     def _per_channel(ptr, channels, mask_d, PRESENT: tl.constexpr, BLOCK_D: tl.constexpr):
         """An optional per-channel parameter (D, delta_bias) of the block's channels; zeros if absent."""
         if PRESENT:
@@ -154,15 +167,11 @@ if triton is not None:
         """Forward pass 1 (long sequences only): each chunk scanned from a zero state -> end state, sum(dt)."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
-        n_channels = groups * channels_per_group
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < d_state
-        mask_dn = mask_d[:, None] & mask_n[None, :]
+        n_channels, offs_n, mask_n, mask_dn, A, bc_row = _state_block(
+            A_ptr, batch, group, channels, mask_d, groups, channels_per_group, d_state, length, BLOCK_N)
         offs_t = tl.arange(0, BLOCK_T)
-        A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
         bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
         row = (batch * n_channels + channels).to(tl.int64) * length
-        bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
@@ -222,17 +231,13 @@ if triton is not None:
         """
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
-        n_channels = groups * channels_per_group
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < d_state
-        mask_dn = mask_d[:, None] & mask_n[None, :]
+        n_channels, offs_n, mask_n, mask_dn, A, bc_row = _state_block(
+            A_ptr, batch, group, channels, mask_d, groups, channels_per_group, d_state, length, BLOCK_N)
         offs_t = tl.arange(0, BLOCK_T)
-        A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
         bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
         skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
         pair = (batch * n_channels + channels).to(tl.int64)
         row = pair * length
-        bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
         if HAS_INIT:
             slot = pair * n_chunks + chunk
             h = tl.load(h_in_ptr + slot[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
@@ -269,15 +274,11 @@ if triton is not None:
         """
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
-        n_channels = groups * channels_per_group
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < d_state
-        mask_dn = mask_d[:, None] & mask_n[None, :]
+        n_channels, offs_n, mask_n, mask_dn, A, bc_row = _state_block(
+            A_ptr, batch, group, channels, mask_d, groups, channels_per_group, d_state, length, BLOCK_N)
         offs_t = tl.arange(0, BLOCK_T)
-        A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
         bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
         row = (batch * n_channels + channels).to(tl.int64) * length
-        bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
         n_tiles = tl.cdiv(stop - start, BLOCK_T)
@@ -319,17 +320,13 @@ if triton is not None:
         """
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
-        n_channels = groups * channels_per_group
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < d_state
-        mask_dn = mask_d[:, None] & mask_n[None, :]
+        n_channels, offs_n, mask_n, mask_dn, A, bc_row = _state_block(
+            A_ptr, batch, group, channels, mask_d, groups, channels_per_group, d_state, length, BLOCK_N)
         offs_t = tl.arange(0, BLOCK_T)
-        A = tl.load(A_ptr + channels[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
         bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
         skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
         pair = (batch * n_channels + channels).to(tl.int64)
         row = pair * length
-        bc_row = (batch * groups + group).to(tl.int64) * d_state * length + offs_n * length
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
         first_tile = start // BLOCK_T
