@@ -13,6 +13,11 @@ official-init-like parameters. Figures printed (medians, ms):
 * the "torch" backend, and the plain ``selective_scan`` interface of the cpu backend;
 * forward-with-grad and backward, goal: backward <= 3x forward.
 GB/s = the bytes named in each row / time. Load average is printed: other processes share the cores.
+
+Copy, fused forward, forward-with-grad and backward are timed round-robin in one loop (each
+round: copy, inference forward, forward with grad, its backward), so the ratios compare rows taken
+under the same machine load: on a shared VM, separate timing loops minutes apart drift by 1.5-2x.
+The backward gets a channels-last gradient, as it does inside the model.
 """
 
 from __future__ import annotations
@@ -38,6 +43,21 @@ def timed(fn, repeat, warmup=2):
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return statistics.median(times), statistics.median(cpu)
+
+
+def interleaved(fns: dict, repeat: int, warmup: int = 2) -> dict:
+    """Runs the callables round-robin; {name: (median wall, median process CPU)} in seconds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: ([], []) for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            samples[name][0].append(time.perf_counter() - t0)
+            samples[name][1].append(time.process_time() - c0)
+    return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in samples.items()}
 
 
 def main(argv=None):
@@ -80,9 +100,25 @@ def main(argv=None):
     src = torch.randn(scan_bytes // 8)                 # copy reads half, writes half
     dst = torch.empty_like(src)
 
+    leaves = [t.clone().requires_grad_() for t in args_fused]
+    grad = torch.randn(b, d, hw, hw).contiguous(memory_format=torch.channels_last)
+    pending = []
+
+    def inference_forward():
+        with torch.inference_mode():
+            scan_cpu.cross_selective_scan(*args_fused)
+
+    def forward_grad():
+        pending.append(scan_cpu.cross_selective_scan(*leaves))
+
+    def backward():
+        torch.autograd.backward(pending.pop(), grad)
+
+    timed_rows = interleaved({"copy": lambda: dst.copy_(src), "fwd": inference_forward,
+                              "fwd_grad": forward_grad, "bwd": backward}, args.repeat)
+    t_copy, t_fwd, t_fwd_grad, t_bwd = (timed_rows[k] for k in ("copy", "fwd", "fwd_grad", "bwd"))
+
     with torch.inference_mode():
-        t_copy = timed(lambda: dst.copy_(src), args.repeat)
-        t_fwd = timed(lambda: scan_cpu.cross_selective_scan(*args_fused), args.repeat)
         t_torch = timed(lambda: compose_cross_selective_scan(*args_fused, backend="torch"), max(3, args.repeat // 4))
         xs = torch.randn(b, 4 * d, length)
         plain = (xs, torch.randn(b, 4 * d, length) * 0.5 - 3, -torch.exp(params["A_logs"]), torch.randn(b, 4, n, length),
@@ -91,20 +127,6 @@ def main(argv=None):
         t_ref = None
         if not args.skip_reference:
             t_ref = timed(lambda: compose_cross_selective_scan(*args_fused, backend="reference"), 1, warmup=1)
-
-    leaves = [t.clone().requires_grad_() for t in args_fused]
-    grad = torch.randn(b, d, hw, hw)
-
-    def forward_grad():
-        return scan_cpu.cross_selective_scan(*leaves)
-
-    t_fwd_grad = timed(forward_grad, args.repeat)
-    outs = [forward_grad() for _ in range(args.repeat + 2)]
-
-    def backward():
-        torch.autograd.backward(outs.pop(), grad)
-
-    t_bwd = timed(backward, args.repeat)
 
     load = os.getloadavg()
     print(f"# bench_scan_cpu: B={b} K*D={4 * d} N={n} {hw}x{hw} (L={length}) rank={rank}, "

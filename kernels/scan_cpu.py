@@ -210,9 +210,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _block_size(group_channels: int, outer_tasks: int) -> int:
-    """Channels per task: few enough tasks to keep vectors long, enough to feed every thread."""
+    """Channels per task: few enough tasks to keep vectors long, enough to feed every thread.
+
+    Wide blocks pay off: every step's per-pixel work (route lookup, broadcasting dts/B/C,
+    prefetching) is shared by more channel vectors, and full groups of eight vectors interleave
+    best; one task per thread measured 1.3-1.5x faster than two at batch 1.
+    """
     threads = torch.get_num_threads()
-    wanted = 1 if threads == 1 else 2 * threads
+    wanted = threads
     n_blocks = max(math.ceil(group_channels / _MAX_BLOCK), math.ceil(wanted / max(outer_tasks, 1)))
     n_blocks = min(n_blocks, math.ceil(group_channels / 8))
     return 8 * math.ceil(group_channels / n_blocks / 8)
