@@ -11,6 +11,10 @@ memory is the child's ``ru_maxrss`` (includes ~0.7 GiB for importing torch + tor
 process applies the glibc malloc tuning of ``vmamba_cli.memory.tune_malloc`` (as the CLI does)
 unless ``--no-malloc-tuning``. Goals (issue 3): vmamba-tiny img/s >= convnext_tiny at 224 batch 8,
 and >= swin_t at 1024x1024 batch 1 with peak memory <= swin_t's.
+
+``--rounds K`` runs the whole model list K times, alternating models, and prints each round's
+vmamba / peer speed ratio and their median: on a shared VM the machine's speed drifts over
+minutes, so a ratio of two rows taken back to back is steadier than one of two separate runs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -80,6 +85,7 @@ def main(argv=None):
     parser.add_argument("--backends", default="cpu", help="scan backends for VMamba models, comma list")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the models this many times")
     parser.add_argument("--no-malloc-tuning", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -89,16 +95,29 @@ def main(argv=None):
         return
 
     rows = []
+    for round_index in range(args.rounds):
+        for case in (CASES if args.case == "all" else [args.case]):
+            models = args.models.split(",") if args.models else ["vmamba-tiny", PEERS[case]]
+            for model in models:
+                for backend in (args.backends.split(",") if model.startswith("vmamba") else [None]):
+                    row = run_case(model, backend, case, args)
+                    row["round"] = round_index
+                    rows.append(row)
+                    label = model + (f" [{backend}]" if backend else "")
+                    print(f"{label:28s} {row['res']:5d}px b{row['batch']:<2d} {row['img_per_s']:7.2f} img/s "
+                          f"{row['s_per_img']:8.3f} s/img  first {row['first_s']:6.2f} s  peak RSS "
+                          f"{row['peak_rss_mib']:6.0f} MiB  load {row['loadavg'][0]:.2f}", file=sys.stderr, flush=True)
     for case in (CASES if args.case == "all" else [args.case]):
-        models = args.models.split(",") if args.models else ["vmamba-tiny", PEERS[case]]
-        for model in models:
-            for backend in (args.backends.split(",") if model.startswith("vmamba") else [None]):
-                row = run_case(model, backend, case, args)
-                rows.append(row)
-                label = model + (f" [{backend}]" if backend else "")
-                print(f"{label:28s} {row['res']:5d}px b{row['batch']:<2d} {row['img_per_s']:7.2f} img/s "
-                      f"{row['s_per_img']:8.3f} s/img  first {row['first_s']:6.2f} s  peak RSS "
-                      f"{row['peak_rss_mib']:6.0f} MiB  load {row['loadavg'][0]:.2f}", file=sys.stderr, flush=True)
+        peer = PEERS[case]
+        res = CASES[case][0]
+        by_round = {}
+        for row in rows:
+            if row["res"] == res:
+                by_round.setdefault(row["round"], {})[row["model"]] = row["img_per_s"]
+        ratios = [r["vmamba-tiny"] / r[peer] for r in by_round.values() if "vmamba-tiny" in r and peer in r]
+        if ratios:
+            print(f"{case}: vmamba-tiny / {peer} img/s per round: " + ", ".join(f"{r:.2f}" for r in ratios)
+                  + f"; median {statistics.median(ratios):.2f} (goal >= 1.0)", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
 
