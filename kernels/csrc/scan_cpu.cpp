@@ -206,17 +206,32 @@ VMAMBA_INLINE int lanes(const Run& r, int v, int nv) { return v == nv - 1 ? r.nc
 template <bool kFull>
 VMAMBA_INLINE int group_lanes(const Run& r, int v, int nv) { return kFull ? kLanes : lanes(r, v, nv); }
 
-// Calls f(std::integral_constant<int, count>) for 1 <= count <= G: the tail group of a block gets a
-// fully unrolled body of its own size, so its chains still overlap each other.
-template <int G, class F>
-VMAMBA_INLINE void with_group_size(int count, F&& f) {
-  if constexpr (G > 0) {
-    if (count == G) {
-      f(std::integral_constant<int, G>{});
-    } else {
-      with_group_size<G - 1>(count, f);
+// Calls f(std::integral_constant<int, size>, std::integral_constant<bool, kFull>, v0) over the
+// block's nv vectors: groups of G while they hold only full vectors, then the rest in halving sizes
+// (G, G/2, ..., 1; the rest is below 2G), each fully unrolled so its chains still overlap. kFull
+// is false only for the piece holding a partial last vector. Halving sizes compile 2 log2(G) + 2
+// step variants instead of 2G for every size below G, which halves the first-use build time.
+template <int G, int S = G, class F>
+VMAMBA_INLINE void for_each_tail(int nv, bool last_full, int& v, F&& f) {
+  if constexpr (S > 0) {
+    if (nv - v >= S) {
+      if (last_full || v + S < nv) {
+        f(std::integral_constant<int, S>{}, std::true_type{}, v);
+      } else {
+        f(std::integral_constant<int, S>{}, std::false_type{}, v);
+      }
+      v += S;
     }
+    for_each_tail<G, S / 2>(nv, last_full, v, f);
   }
+}
+
+template <int G, class F>
+VMAMBA_INLINE void for_each_group(const Run& r, int nv, F&& f) {
+  const int full = r.nc / kLanes;  // vectors with all kLanes channels
+  int v = 0;
+  for (; v + G <= full; v += G) f(std::integral_constant<int, G>{}, std::true_type{}, v);
+  for_each_tail<G>(nv, full == nv, v, f);
 }
 
 // Parameters of the block's channels as vectors: bias, D, A (nv x N), dt_projs_weight (R x nv).
@@ -340,8 +355,6 @@ void forward_run(const Run& r, Scratch& s) {
   const int N = kN > 0 ? kN : r.N;
   const int R = kProj ? r.R : 0;
   const int nv = (r.nc + kLanes - 1) / kLanes;
-  const int full = r.nc / kLanes;  // vectors with all kLanes channels
-  const bool tail_full = full == nv;
   vf* mem = s.get(params_size(nv, N, R) + size_t(nv) * N + R + 2 * N);
   const Params q = load_params(r, nv, N, R, mem);
   vf* h = mem + params_size(nv, N, R);
@@ -359,15 +372,8 @@ void forward_run(const Run& r, Scratch& s) {
     broadcast_row(r.proj + p * r.prow, R + 2 * N, row);
     const float* up = r.u + p * r.row;
     float* yp = r.y + p * r.row;
-    int v = 0;
-    for (; v + kGroup <= full; v += kGroup)
-      forward_group<kGroup, kN, kProj, true>(r, q, R, N, nv, v, p, row, h, up, yp);
-    with_group_size<kGroup>(nv - v, [&](auto size) {
-      if (tail_full) {
-        forward_group<decltype(size)::value, kN, kProj, true>(r, q, R, N, nv, v, p, row, h, up, yp);
-      } else {
-        forward_group<decltype(size)::value, kN, kProj, false>(r, q, R, N, nv, v, p, row, h, up, yp);
-      }
+    for_each_group<kGroup>(r, nv, [&](auto size, auto full, int v) {
+      forward_group<decltype(size)::value, kN, kProj, decltype(full)::value>(r, q, R, N, nv, v, p, row, h, up, yp);
     });
   }
 }
@@ -399,8 +405,6 @@ void backward_run(const Run& r, Scratch& s) {
   const int N = kN > 0 ? kN : r.N;
   const int R = kProj ? r.R : 0;
   const int nv = (r.nc + kLanes - 1) / kLanes;
-  const int full = r.nc / kLanes;
-  const bool tail_full = full == nv;
   const int T = r.chunk;
   const size_t np = params_size(nv, N, R), nvN = size_t(nv) * N;
   // params | carry | h_in | acc dW | acc bias | acc A | acc D | red | row | chunk: dt, sig, dA, h
@@ -444,17 +448,9 @@ void backward_run(const Run& r, Scratch& s) {
       vf* dt_i = c_dt + size_t(i) * nv;
       vf* sig_i = c_sig + size_t(i) * nv;
       vf* dA_i = c_dA + size_t(i) * nvN;
-      int v = 0;
-      for (; v + kGroup <= full; v += kGroup)
-        recompute_group<kGroup, kN, kProj, true>(r, q, R, N, nv, v, p, row, h_prev, h_cur, dt_i, sig_i, dA_i, up);
-      with_group_size<kGroup>(nv - v, [&](auto size) {
-        if (tail_full) {
-          recompute_group<decltype(size)::value, kN, kProj, true>(r, q, R, N, nv, v, p, row, h_prev, h_cur, dt_i,
-                                                                  sig_i, dA_i, up);
-        } else {
-          recompute_group<decltype(size)::value, kN, kProj, false>(r, q, R, N, nv, v, p, row, h_prev, h_cur, dt_i,
-                                                                   sig_i, dA_i, up);
-        }
+      for_each_group<kGroup>(r, nv, [&](auto size, auto full, int v) {
+        recompute_group<decltype(size)::value, kN, kProj, decltype(full)::value>(r, q, R, N, nv, v, p, row, h_prev,
+                                                                                 h_cur, dt_i, sig_i, dA_i, up);
       });
     }
 
