@@ -385,6 +385,32 @@ if triton is not None:
     # N = 1 (the v2 models): the same passes on [BLOCK_D, BLOCK_T] tiles, without the state axis.
 
     @triton.jit
+    def _n1_block(A_ptr, D_ptr, delta_bias_ptr, batch, group, channels, mask_d, groups, channels_per_group,
+                  length, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What both N = 1 kernels derive first: the block's A, delta_bias and D, its (batch,
+        channel) pairs and their row offsets, and the (batch, group) row offset of B and C."""
+        n_channels = groups * channels_per_group
+        A = tl.load(A_ptr + channels, mask=mask_d, other=0.0)
+        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
+        skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
+        pair = (batch * n_channels + channels).to(tl.int64)
+        bc_row = (batch * groups + group).to(tl.int64) * length
+        return n_channels, A, bias, skip, pair, pair * length, bc_row
+
+    @triton.jit
+    def _load_tile_n1(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, bc_row, t, mask_d, stop, SOFTPLUS: tl.constexpr):
+        """u, pre-activation, dt, B, C of steps t for d_state = 1; dt = 0 past the end."""
+        mask_t = t < stop
+        mask = mask_d[:, None] & mask_t[None, :]
+        offs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
+        dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
+        Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
+        return u, pre, dt, Bt, Ct, mask_t, mask, offs
+
+    @triton.jit
     def _scan_fwd_n1_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, h_in_ptr, y_ptr, tile_state_ptr,
         length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group,
@@ -394,14 +420,10 @@ if triton is not None:
         """_scan_fwd_kernel for d_state = 1."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
-        n_channels = groups * channels_per_group
         offs_t = tl.arange(0, BLOCK_T)
-        A = tl.load(A_ptr + channels, mask=mask_d, other=0.0)
-        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
-        skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
-        pair = (batch * n_channels + channels).to(tl.int64)
-        row = pair * length
-        bc_row = (batch * groups + group).to(tl.int64) * length
+        n_channels, A, bias, skip, pair, row, bc_row = _n1_block(
+            A_ptr, D_ptr, delta_bias_ptr, batch, group, channels, mask_d, groups, channels_per_group, length,
+            HAS_D, HAS_BIAS, BLOCK_D)
         if HAS_INIT:
             h = tl.load(h_in_ptr + pair * n_chunks + chunk, mask=mask_d, other=0.0)
         else:
@@ -409,17 +431,10 @@ if triton is not None:
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
         for t0 in range(start, stop, BLOCK_T):
-            t = t0 + offs_t
-            mask_t = t < stop
-            mask = mask_d[:, None] & mask_t[None, :]
             if STORE_STATES:
                 tl.store(tile_state_ptr + pair * n_tiles_total + t0 // BLOCK_T, h, mask=mask_d)
-            offs = row[:, None] + t[None, :]
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-            dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
-            Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
+            u, pre, dt, Bt, Ct, mask_t, mask, offs = _load_tile_n1(
+                u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, bc_row, t0 + offs_t, mask_d, stop, SOFTPLUS)
             decay = tl.exp(dt * A[:, None])
             decay_prefix, local = tl.associative_scan((decay, dt * u * Bt[None, :]), 1, _compose)
             states = local + decay_prefix * h[:, None]
@@ -437,14 +452,10 @@ if triton is not None:
         """_scan_bwd_kernel for d_state = 1."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
-        n_channels = groups * channels_per_group
         offs_t = tl.arange(0, BLOCK_T)
-        A = tl.load(A_ptr + channels, mask=mask_d, other=0.0)
-        bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
-        skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
-        pair = (batch * n_channels + channels).to(tl.int64)
-        row = pair * length
-        bc_row = (batch * groups + group).to(tl.int64) * length
+        n_channels, A, bias, skip, pair, row, bc_row = _n1_block(
+            A_ptr, D_ptr, delta_bias_ptr, batch, group, channels, mask_d, groups, channels_per_group, length,
+            HAS_D, HAS_BIAS, BLOCK_D)
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
         first_tile = start // BLOCK_T
@@ -459,14 +470,8 @@ if triton is not None:
         for i in range(0, n_tiles):
             tile = n_tiles - 1 - i
             t = start + tile * BLOCK_T + offs_t
-            mask_t = t < stop
-            mask = mask_d[:, None] & mask_t[None, :]
-            offs = row[:, None] + t[None, :]
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-            dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
-            Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
+            u, pre, dt, Bt, Ct, mask_t, mask, offs = _load_tile_n1(
+                u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, bc_row, t, mask_d, stop, SOFTPLUS)
             g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             mask_next = mask_d[:, None] & (t + 1 < stop)[None, :]
             pre_next = tl.load(delta_ptr + offs + 1, mask=mask_next, other=0.0).to(tl.float32) + bias[:, None]
