@@ -296,6 +296,7 @@ inline void prefetch_step(const Run& r, int64_t l, int R, int N, bool backward) 
 #define VMAMBA_SCAN_GROUP 8
 #endif
 constexpr int kGroup = VMAMBA_SCAN_GROUP;
+static_assert(kGroup > 0 && (kGroup & (kGroup - 1)) == 0, "for_each_group's halving tail needs a power of two");
 
 // Step sizes (and sigmoids when wanted) of G channel vectors from v0 at pixel p.
 template <int G, bool kProj, bool kFull>
