@@ -221,14 +221,21 @@ def _block_size(group_channels: int, outer_tasks: int) -> int:
     threads = torch.get_num_threads()
     outer_tasks = max(outer_tasks, 1)
     most = math.ceil(group_channels / 8)
-    n_blocks = min(max(math.ceil(group_channels / _MAX_BLOCK), math.ceil(threads / outer_tasks)), most)
-    if outer_tasks * n_blocks < 4 * threads:
-        balanced = n_blocks
-        while (outer_tasks * balanced) % threads and balanced < most:
-            balanced += 1
-        if (outer_tasks * balanced) % threads == 0:
-            n_blocks = balanced
-    return 8 * math.ceil(group_channels / n_blocks / 8)
+    fewest = min(max(math.ceil(group_channels / _MAX_BLOCK), math.ceil(threads / outer_tasks)), most)
+
+    def block_for(n_blocks):
+        return 8 * math.ceil(group_channels / n_blocks / 8)
+
+    def tasks(n_blocks):
+        # Rounding blocks to whole vectors can leave fewer blocks than asked for: count them.
+        return outer_tasks * math.ceil(group_channels / block_for(n_blocks))
+
+    candidates = range(fewest, most + 1)
+    base = next(n for n in candidates if tasks(n) >= outer_tasks * fewest)
+    if tasks(base) < 4 * threads:
+        balanced = next((n for n in candidates if n >= base and tasks(n) % threads == 0), base)
+        return block_for(balanced)
+    return block_for(base)
 
 
 def _chunk(d_state: int) -> int:

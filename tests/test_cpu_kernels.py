@@ -156,6 +156,54 @@ def test_fused_matches_composed_reference(batch, d_inner, height, width, d_state
 
 
 @needs_native
+def test_every_vector_group_tail():
+    """Blocks of 1-17 channel vectors, the last one full or partial: every halving tail piece
+    (8, 4, 2, 1 vectors, full or not) of the kernel's channel groups, forward and backward."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one block per sample: the block holds every channel
+    try:
+        for n_vectors in range(1, 18):
+            for d_inner in sorted({8 * n_vectors, 8 * n_vectors - 3}):
+                g = torch.Generator().manual_seed(d_inner)
+                inputs = dict(x=torch.randn(1, d_inner, 2, 3, generator=g), **ss2d_params(d_inner, 1, 2))
+                upstream = torch.randn(1, d_inner, 2, 3, generator=g)
+                y, grads = grads_of(scan_cpu.cross_selective_scan, inputs, upstream)
+                y_ref, grads_ref = grads_of(lambda **kw: compose_cross_selective_scan(**kw, backend="reference"),
+                                            inputs, upstream)
+                assert_close_to_max(y, y_ref, name=f"y, {d_inner} channels")
+                for name in ("x", "dt_projs_weight", "Ds"):
+                    assert_close_to_max(grads[name], grads_ref[name], name=f"d{name}, {d_inner} channels")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_block_size_covers_channels_and_feeds_threads(threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for channels in (8, 24, 48, 96, 136, 192, 384, 768):
+        for batch in (1, 2, 3, 8):
+            block = scan_cpu._block_size(channels, batch)
+            n_blocks = -(-channels // block)
+            assert block % 8 == 0 and block <= scan_cpu._MAX_BLOCK, (channels, batch, block)
+            assert (n_blocks - 1) * block < channels  # no empty block
+            assert batch * n_blocks >= min(threads, batch * -(-channels // 8))  # every thread gets work
+
+
+@pytest.mark.parametrize("threads,channels,batch,tasks", [
+    (2, 384, 1, 4),   # 3 blocks of 128 would take two rounds on two threads
+    (2, 96, 1, 2),
+    (2, 192, 1, 2),
+    (4, 768, 1, 8),   # not 6 blocks of 128 on four threads
+    (3, 192, 1, 3),
+    (2, 96, 3, 6),    # 3 samples x 1 block: odd, so two blocks each
+    (2, 96, 8, 8),    # enough tasks already
+])
+def test_block_size_balances_few_tasks(threads, channels, batch, tasks, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert batch * -(-channels // scan_cpu._block_size(channels, batch)) == tasks
+
+
+@needs_native
 def test_fused_layouts_threads_and_no_grad():
     """Channels-last or contiguous input, 1 or 2 threads, inference mode: the same numbers."""
     g = torch.Generator().manual_seed(2)
