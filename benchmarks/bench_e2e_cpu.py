@@ -113,11 +113,14 @@ def main(argv=None):
         by_round = {}
         for row in rows:
             if row["res"] == res:
-                by_round.setdefault(row["round"], {})[row["model"]] = row["img_per_s"]
-        ratios = [r["vmamba-tiny"] / r[peer] for r in by_round.values() if "vmamba-tiny" in r and peer in r]
-        if ratios:
-            print(f"{case}: vmamba-tiny / {peer} img/s per round: " + ", ".join(f"{r:.2f}" for r in ratios)
-                  + f"; median {statistics.median(ratios):.2f} (goal >= 1.0)", file=sys.stderr, flush=True)
+                by_round.setdefault(row["round"], {})[(row["model"], row["backend"])] = row["img_per_s"]
+        for backend in args.backends.split(","):
+            key = ("vmamba-tiny", backend)
+            ratios = [r[key] / r[(peer, None)] for r in by_round.values() if key in r and (peer, None) in r]
+            if ratios:
+                print(f"{case}: vmamba-tiny [{backend}] / {peer} img/s per round: "
+                      + ", ".join(f"{r:.2f}" for r in ratios)
+                      + f"; median {statistics.median(ratios):.2f} (goal >= 1.0)", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
 

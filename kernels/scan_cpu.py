@@ -230,11 +230,9 @@ def _block_size(group_channels: int, outer_tasks: int) -> int:
         # Rounding blocks to whole vectors can leave fewer blocks than asked for: count them.
         return outer_tasks * math.ceil(group_channels / block_for(n_blocks))
 
-    candidates = range(fewest, most + 1)
-    base = next(n for n in candidates if tasks(n) >= outer_tasks * fewest)
+    base = next(n for n in range(fewest, most + 1) if tasks(n) >= outer_tasks * fewest)
     if tasks(base) < 4 * threads:
-        balanced = next((n for n in candidates if n >= base and tasks(n) % threads == 0), base)
-        return block_for(balanced)
+        base = next((n for n in range(base, most + 1) if tasks(n) % threads == 0), base)
     return block_for(base)
 
 
