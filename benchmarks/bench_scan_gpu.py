@@ -14,6 +14,8 @@ writes y; backward reads u, delta, B, C, dy and writes du, ddelta, dB, dC. It is
 datasheet bandwidth (--peak-gbs, by GPU name) and a device-to-device copy measured in the same run.
 Time = median of CUDA event timings. Models follow spec §7: inference fp32, eval, no_grad, batch
 128; training = forward + backward under autocast (float16) with CrossEntropyLoss, no optimizer step.
+--composed adds vmamba-tiny with the composed SS2D core (cross-scan copies) and with the fused
+core's backward reading the map (training) to the model table; --host-probe adds batch-4 steps.
 --warm-jobs compiles every kernel first in parallel processes (Triton's cache), --profile prints the
 top kernels of one inference batch and one training step, --cross-sweep times cross-scan launch
 shapes. Without a CUDA device (or without triton) the script says so and exits with status 0.
@@ -155,6 +157,108 @@ def _pick_launches(rows):
           f"N1_BACKWARD_LAUNCH = {scan_triton.N1_BACKWARD_LAUNCH}", file=sys.stderr, flush=True)
 
 
+# Launches of the fused SS2D core's kernels (u and dy read from the map) tried by --map-sweep:
+# forward tiles (BLOCK_T, BLOCK_D, num_warps, maxnreg) without / with a backward to follow, and the
+# backward's (BLOCK_D, num_warps, maxnreg) on the training tiles. The first of each is the default.
+MAP_SWEEP = (
+    [("fwd-infer", v) for v in ((128, 8, 2, 80), (128, 8, 2, None), (128, 16, 2, None), (128, 16, 4, None),
+                                (64, 16, 2, None), (64, 8, 2, 80))]
+    + [("fwd-train", v) for v in ((32, 16, 2, 96), (32, 8, 2, 64), (32, 16, 4, None), (32, 32, 4, None),
+                                  (32, 8, 2, None))]
+    + [("bwd", v) for v in ((8, 2, 64), (8, 2, None), (8, 4, None), (16, 2, None), (16, 4, None), (16, 4, 128),
+                            (32, 4, None), (16, 2, 96), (8, 2, 96))]
+)
+_MAP_CONSTANTS = {"fwd-infer": "N1_MAP_INFERENCE_TILES", "fwd-train": "N1_MAP_TRAINING_TILES",
+                  "bwd": "N1_MAP_BACKWARD_LAUNCH"}
+
+
+def _map_case(batch=128, d_inner=96, height=56, width=56, dtype=torch.bfloat16):
+    """Fused-core scan inputs at VMamba-T stage 0: x and dout as channels-last maps."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    length, channels = height * width, 4 * d_inner
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda")
+
+    return {
+        "x": randn(batch, d_inner, height, width).to(dtype).contiguous(memory_format=torch.channels_last),
+        "delta": (randn(batch, channels, length) * 0.5 - 2.0).to(dtype),
+        "A": -torch.exp(randn(channels, 1) * 0.5),
+        "B": randn(batch, 4, 1, length).to(dtype),
+        "C": randn(batch, 4, 1, length).to(dtype),
+        "D": randn(channels),
+        "delta_bias": randn(channels) * 0.5,
+        "dout": randn(batch, d_inner, height, width).contiguous(memory_format=torch.channels_last),
+    }
+
+
+def bench_map_variant(phase, launch, args, case=None, sequence_order=False):
+    """Milliseconds of one fused-core scan phase with one launch (the module constant set, then
+    restored). sequence_order: the same data laid out by the cross-scan, plain kernels."""
+    from vmamba_cli.kernels import scan_triton as st
+
+    case = case or _map_case(dtype=torch.float32 if phase == "fwd-infer" else torch.bfloat16)
+    x, dout = case["x"], case["dout"]
+    batch, d_inner, height, width = x.shape
+    length = height * width
+    scan_args = [case[k] for k in ("delta", "A", "B", "C", "D", "delta_bias")]
+    names = [_MAP_CONSTANTS[phase]]
+    if sequence_order:
+        names.append(_MAP_CONSTANTS[phase].replace("N1_MAP_", "N1_"))
+        x = st._scan_layout(x).view(batch, 4 * d_inner, length)
+        dout = st._scan_layout(dout).view(batch, 4 * d_inner, length)
+    saved = {n: getattr(st, n) for n in names}
+    try:
+        for n in names:
+            setattr(st, n, launch)
+        cfg = st.choose_scan_config(batch, 4, d_inner, 1, length, x.device, training=phase != "fwd-infer",
+                                    map_io=True)
+        if phase == "bwd":
+            _, tile_state = st._scan_forward(x, *scan_args, True, torch.float32, cfg, True)
+
+            def fn():
+                st._scan_backward(x, *scan_args, tile_state, dout, True, cfg)
+        else:
+            def fn():
+                st._scan_forward(x, *scan_args, True, torch.float32, cfg, phase == "fwd-train")
+        return _time_cuda(fn, args.warmup, args.iters)
+    finally:
+        for n, v in saved.items():
+            setattr(st, n, v)
+
+
+def bench_map_sweep(args, pick=False):
+    """Time every MAP_SWEEP launch (and the default one on sequence-ordered data); with pick, set
+    the module's N1_MAP_* constants to the fastest of each phase."""
+    from vmamba_cli.kernels import scan_triton as st
+
+    rows = []
+    cases = {}
+    for phase, launch in MAP_SWEEP:
+        dtype = torch.float32 if phase == "fwd-infer" else torch.bfloat16
+        case = cases.setdefault(dtype, _map_case(dtype=dtype))
+        first = launch == next(v for p, v in MAP_SWEEP if p == phase)
+        for sequence_order in ((False, True) if first else (False,)):
+            try:
+                ms = bench_map_variant(phase, launch, args, case, sequence_order)
+            except Exception as exc:  # a launch that does not compile or run is reported, not fatal
+                print(f"map sweep {phase} {launch}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                      file=sys.stderr)
+                continue
+            layout = "sequence" if sequence_order else "map"
+            rows.append({"phase": phase, "launch": list(launch), "layout": layout, "ms": round(ms, 4)})
+            print(f"fused-core scan {phase:<9} {layout:<8} {str(launch):<22} {ms:8.3f} ms", file=sys.stderr, flush=True)
+    if pick:
+        for phase, name in _MAP_CONSTANTS.items():
+            timed = [r for r in rows if r["phase"] == phase and r["layout"] == "map"]
+            if timed:
+                best = min(timed, key=lambda r: r["ms"])
+                setattr(st, name, tuple(best["launch"]))
+        print("picked: " + ", ".join(f"{n} = {getattr(st, n)}" for n in _MAP_CONSTANTS.values()),
+              file=sys.stderr, flush=True)
+    return rows
+
+
 # Cross-scan launch variants (block_c, block_hw, mirror, num_warps) tried by --cross-sweep.
 CROSS_SWEEP = [(16, 16, False, 4), (16, 16, True, 4), (32, 8, True, 4), (8, 16, True, 4), (32, 16, True, 8),
                (16, 8, True, 2), (64, 8, True, 4), (4, 32, True, 4)]
@@ -210,10 +314,25 @@ _PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "409
 _CASES = (("224px b128 stage0", 128, 4, 96, 1, 3136), ("1024px b1 stage0", 1, 4, 96, 1, 65536))
 
 
+# SS2D core switches of scan_triton (the module's defaults, then these) compared by --composed.
+_CORE_DEFAULTS = {"FUSED_CROSS_SCAN": True, "FUSED_TRAINING": True, "BACKWARD_READS_MAP": False}
+_COMPOSED = {"FUSED_CROSS_SCAN": False}
+_FUSED_MAP_BWD = {"BACKWARD_READS_MAP": True}
+
+
+def _set_core(switches):
+    from vmamba_cli.kernels import scan_triton
+
+    for name, value in {**_CORE_DEFAULTS, **switches}.items():
+        setattr(scan_triton, name, value)
+
+
 def _warm_jobs_list(args):
     jobs = [("case", 0), ("case", 1)]
     if args.sweep:
         jobs += [("sweep", i) for i in range(len(SWEEP))]
+    if args.map_sweep:
+        jobs += [("map", i) for i in range(len(MAP_SWEEP))]
     if not args.skip_models or args.profile:
         jobs += [("model", 0)]
     return jobs
@@ -226,13 +345,20 @@ def _warm_one(index, args):
         bench_scan(*_CASES[i], args)
     elif kind == "sweep":
         bench_scan(*_CASES[0], args, launch=SWEEP[i])
+    elif kind == "map":
+        phase, launch = MAP_SWEEP[i]
+        if launch == next(v for p, v in MAP_SWEEP if p == phase):
+            bench_map_variant(phase, launch, args, sequence_order=True)
+        bench_map_variant(phase, launch, args)
     else:
         from vmamba_cli.model import create_model
 
         model = create_model("vmamba-tiny").cuda()
         args.model_warmup, args.model_iters = 1, 1
-        _throughput(model, args.batch, 224, args, train=False)
-        _throughput(model, args.batch, 224, args, train=True)
+        for switches in ({}, _COMPOSED, _FUSED_MAP_BWD) if args.composed else ({},):
+            _set_core(switches)
+            _throughput(model, args.batch, 224, args, train=False)
+            _throughput(model, args.batch, 224, args, train=True)
 
 
 def warm_caches(args):
@@ -244,6 +370,8 @@ def warm_caches(args):
     jobs = _warm_jobs_list(args)
     base = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch)]
     base += ["--sweep"] if args.sweep else []
+    base += ["--composed"] if args.composed else []
+    base += ["--map-sweep"] if args.map_sweep else []
     base += ["--skip-models"] if args.skip_models and not args.profile else []
     running, failed = [], 0
     for index in range(len(jobs)):
@@ -322,29 +450,57 @@ def bench_models(args):
     from vmamba_cli.model import create_model
 
     torch.backends.cudnn.benchmark = True
+    # (name, build, SS2D core switches of scan_triton, training only)
+    models = [("vmamba-tiny", lambda: create_model("vmamba-tiny"), {}, False),
+              ("swin_t", lambda: torchvision.models.swin_t(), {}, False)]
+    if args.composed:
+        # The other SS2D cores in the same run: composed ops throughout (cross-scan copies, batched
+        # projections), and the fused core with its backward reading the map.
+        models[1:1] = [("vmamba-tiny composed", lambda: create_model("vmamba-tiny"), _COMPOSED, False),
+                       ("vmamba-tiny map-bwd", lambda: create_model("vmamba-tiny"), _FUSED_MAP_BWD, True)]
     rows = []
     for mode, train in (("inference fp32", False), ("train AMP fwd+bwd", True)):
-        results = {}
-        for name, build in (("vmamba-tiny", lambda: create_model("vmamba-tiny")),
-                            ("swin_t", lambda: torchvision.models.swin_t())):
-            model = build().cuda()
-            batch = args.batch
-            while True:
-                try:
-                    img_s, mem = _throughput(model, batch, 224, args, train)
-                    break
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    if batch == 1:
-                        raise
-                    batch //= 2
-            results[name] = img_s
-            rows.append({"mode": mode, "model": name, "batch": batch, "img/s": round(img_s, 1),
-                         "peak_MiB": round(mem)})
-            del model
-            torch.cuda.empty_cache()
-        rows.append({"mode": mode, "model": "vmamba-tiny / swin_t", "ratio":
-                     round(results["vmamba-tiny"] / results["swin_t"], 3)})
+        timed = {}
+        runs = [m for m in models if train or not m[3]]
+        # Rounds alternate the order: the first model timed in a mode measured up to 6 % slow on
+        # the H200 (the same configuration timed again later was faster).
+        for round_index in range(args.rounds):
+            for name, build, switches, _ in (runs if round_index % 2 == 0 else runs[::-1]):
+                _set_core(switches)
+                model = build().cuda()
+                batch = args.batch
+                while True:
+                    try:
+                        img_s, mem = _throughput(model, batch, 224, args, train)
+                        break
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        if batch == 1:
+                            raise
+                        batch //= 2
+                timed.setdefault(name, []).append((img_s, mem, batch))
+                del model
+                torch.cuda.empty_cache()
+        for name, build, switches, _ in runs:
+            img_s = statistics.median(r[0] for r in timed[name])
+            rows.append({"mode": mode, "model": name, "batch": timed[name][0][2], "img/s": round(img_s, 1),
+                         "peak_MiB": round(max(r[1] for r in timed[name])),
+                         "rounds": [round(r[0], 1) for r in timed[name]]})
+            if train and args.host_probe:
+                # At batch 4 the GPU work is small: a step's time is mostly the host's (Python,
+                # autograd, launches), which batch 128 can hide only if it is shorter than the GPU's.
+                _set_core(switches)
+                small = build().cuda()
+                img_s, _ = _throughput(small, 4, 224, args, train)
+                rows.append({"mode": "train AMP batch 4", "model": name, "batch": 4, "img/s": round(img_s, 1),
+                             "ms_per_step": round(4000 / img_s, 2), "peak_MiB": 0})
+                del small
+        _set_core({})
+        medians = {r["model"]: r["img/s"] for r in rows if r["mode"] == mode}
+        for name in medians:
+            if name != "swin_t":
+                rows.append({"mode": mode, "model": f"{name} / swin_t", "ratio":
+                             round(medians[name] / medians["swin_t"], 3)})
     return rows
 
 
@@ -367,6 +523,14 @@ def main(argv=None) -> int:
                         help="compile every kernel first in this many parallel processes (fills Triton's cache)")
     parser.add_argument("--warm-only", action="store_true", help="stop after --warm-jobs")
     parser.add_argument("--cross-sweep", action="store_true", help="time cross-scan / merge launch variants")
+    parser.add_argument("--map-sweep", action="store_true",
+                        help="time launch variants of the fused SS2D core's scan (with --pick: use the fastest)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the models this many times, alternating their order; report the median")
+    parser.add_argument("--host-probe", action="store_true",
+                        help="also time training steps at batch 4 (mostly host time: Python, autograd, launches)")
+    parser.add_argument("--composed", action="store_true",
+                        help="also time vmamba-tiny with the composed SS2D core (cross-scan copies)")
     parser.add_argument("--pick", action="store_true",
                         help="after --sweep, time the models with the fastest swept N = 1 launches")
     parser.add_argument("--ncu-target", action="store_true", help=argparse.SUPPRESS)
@@ -426,16 +590,19 @@ def main(argv=None) -> int:
                 print(f"sweep {launch}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
     if args.sweep and args.pick:
         _pick_launches(scan_rows)
+    map_rows = bench_map_sweep(args, pick=args.pick) if args.map_sweep else []
     cross_rows = bench_cross(args) if args.cross_sweep else []
     model_rows = [] if args.skip_models else bench_models(args)
     for r in model_rows:
         if "ratio" in r:
-            print(f"{r['mode']:<20} {r['model']:<22} ratio {r['ratio']:.3f}", file=sys.stderr)
+            print(f"{r['mode']:<20} {r['model']:<30} ratio {r['ratio']:.3f}", file=sys.stderr)
         else:
-            print(f"{r['mode']:<20} {r['model']:<22} batch {r['batch']:>4} {r['img/s']:>9.1f} img/s "
-                  f"peak {r['peak_MiB']} MiB", file=sys.stderr)
+            extra = f"{r['ms_per_step']} ms/step" if "ms_per_step" in r else f"peak {r['peak_MiB']} MiB"
+            print(f"{r['mode']:<20} {r['model']:<30} batch {r['batch']:>4} {r['img/s']:>9.1f} img/s {extra}",
+                  file=sys.stderr)
     report = {"device": device_name, "peak_gbs": args.peak_gbs, "copy_gbs": round(args.copy_gbs, 1),
-              "torch": torch.__version__, "triton": triton.__version__, "scan": scan_rows, "cross": cross_rows,
+              "torch": torch.__version__, "triton": triton.__version__, "scan": scan_rows, "map_sweep": map_rows,
+              "cross": cross_rows,
               "models": model_rows}
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -33,6 +33,10 @@ Design (one program = one batch element, one block of channels inside one group,
   partials summed by torch afterwards.
 * Launch shapes (``choose_scan_config``) come from sweeps on an H200: inference and training use
   different tiles, and the backward has its own channel block, warps and register cap.
+* The fused SS2D core (``cross_selective_scan``, d_state = 1): with ``MAP_IO`` the kernels read u
+  (and, in a backward, dy) from the (B, D, H, W) map along each group's cross-scan route, so the
+  four sequence-ordered copies of the map are never built; the x projection runs on the map and
+  only its small output is laid out along the routes (``_route_kernel``).
 
 Works under ``TRITON_INTERPRET=1`` on CPU tensors (how the tests run); that path is for testing only.
 """
@@ -51,7 +55,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["selective_scan", "cross_scan", "cross_merge", "is_available", "choose_scan_config"]
+__all__ = ["selective_scan", "cross_scan", "cross_merge", "cross_selective_scan", "is_available",
+           "choose_scan_config"]
 
 # Interpreter mode is fixed when triton is imported (machine-facts §1); only then can CPU tensors run.
 _INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -81,6 +86,31 @@ if triton is not None:
     def _compose(decay_left, drive_left, decay_right, drive_right):
         # Steps are affine maps h -> decay * h + drive; this applies the left one, then the right one.
         return decay_left * decay_right, drive_left * decay_right + drive_right
+
+    @triton.jit
+    def _route_offsets(t, route, height, width, stride_h, stride_w):
+        """Offsets in a (B, D, H, W) map (element strides) of the pixels at sequence positions t of
+        scan route 0-3 (spec §3.7): h*W+w, w*H+h and their mirrors L-1-(...)."""
+        position = tl.where(route >= 2, height * width - 1 - t, t)
+        column_major = (route % 2) == 1
+        major = tl.where(column_major, height, width)
+        outer = position // major
+        inner = position - outer * major
+        h = tl.where(column_major, inner, outer)
+        w = tl.where(column_major, outer, inner)
+        return h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
+
+    @triton.jit
+    def _io_offsets(row, t, batch, group, offs_d, map_h, map_w, s_b, s_c, s_h, s_w, MAP_IO: tl.constexpr):
+        """[BLOCK_D, BLOCK_T] offsets of steps t: along the (batch, channel) rows of a (B, K*D, L)
+        sequence tensor, or (MAP_IO) at the pixels that route ``group`` visits in a (B, D, H, W) map
+        shared by the four routes, so the cross-scan copies are never built."""
+        if MAP_IO:
+            base = batch.to(tl.int64) * s_b + offs_d.to(tl.int64) * s_c
+            offs = base[:, None] + _route_offsets(t, group, map_h, map_w, s_h, s_w)[None, :]
+        else:
+            offs = row[:, None] + t[None, :]
+        return offs
 
     @triton.jit
     def _program_coords(n_blocks, groups, channels_per_group, BLOCK_D: tl.constexpr):
@@ -124,13 +154,13 @@ if triton is not None:
         return pre
 
     @triton.jit
-    def _load_tile(u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, t, mask_d, mask_n, stop,
+    def _load_tile(u_ptr, delta_ptr, bias, A, B_ptr, u_offs, row, bc_row, t, mask_d, mask_n, stop,
                    SOFTPLUS: tl.constexpr):
         """u, pre-activation, dt, B tiles of steps t and the decay / drive tiles [BLOCK_D, N, BLOCK_T]."""
         mask_t = t < stop
         mask = mask_d[:, None] & mask_t[None, :]
         offs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + u_offs, mask=mask, other=0.0).to(tl.float32)
         pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
         # Steps past the end get dt = 0: decay 1 and drive 0, so the state passes through unchanged.
         dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
@@ -161,10 +191,13 @@ if triton is not None:
     def _scan_chunk_state_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, delta_bias_ptr, end_state_ptr, dt_sum_ptr,
         length, chunk_len, n_chunks, n_blocks, groups, channels_per_group, d_state,
+        map_h, map_w, su_b, su_c, su_h, su_w,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr,
     ):
-        """Forward pass 1 (long sequences only): each chunk scanned from a zero state -> end state, sum(dt)."""
+        """Forward pass 1 (long sequences only): each chunk scanned from a zero state -> end state, sum(dt).
+
+        MAP_IO: u is read from the (B, D, H, W) map along each group's route (see _io_offsets)."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         n_channels, offs_n, mask_n, mask_dn, A, bc_row = _state_block(
@@ -176,9 +209,12 @@ if triton is not None:
         stop = tl.minimum(start + chunk_len, length)
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        offs_d = channels - group * channels_per_group
         for t0 in range(start, stop, BLOCK_T):
+            t = t0 + offs_t
+            u_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, su_b, su_c, su_h, su_w, MAP_IO)
             _, _, dt, _, decay, drive, _ = _load_tile(
-                u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, t0 + offs_t, mask_d, mask_n, stop, SOFTPLUS)
+                u_ptr, delta_ptr, bias, A, B_ptr, u_offs, row, bc_row, t, mask_d, mask_n, stop, SOFTPLUS)
             decay_prefix, local = tl.associative_scan((decay, drive), 2, _compose)
             h = _column(local + decay_prefix * h[:, :, None], offs_t, BLOCK_T - 1)
             dt_sum += tl.sum(dt, axis=1)
@@ -251,7 +287,8 @@ if triton is not None:
             if STORE_STATES:
                 tl.store(tile_state_ptr + tile_rows + (t0 // BLOCK_T) * d_state, h, mask=mask_dn)
             u, _, _, _, decay, drive, mask = _load_tile(
-                u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, t, mask_d, mask_n, stop, SOFTPLUS)
+                u_ptr, delta_ptr, bias, A, B_ptr, row[:, None] + t[None, :], row, bc_row, t, mask_d, mask_n, stop,
+                SOFTPLUS)
             decay_prefix, local = tl.associative_scan((decay, drive), 2, _compose)
             states = local + decay_prefix * h[:, :, None]
             Ct = tl.load(C_ptr + bc_row[:, None] + t[None, :], mask=mask_n[:, None] & (t < stop)[None, :],
@@ -264,13 +301,15 @@ if triton is not None:
     def _scan_bwd_chunk_kernel(
         delta_ptr, A_ptr, C_ptr, delta_bias_ptr, dy_ptr, end_grad_ptr, dt_sum_ptr,
         length, chunk_len, n_chunks, n_blocks, groups, channels_per_group, d_state,
+        map_h, map_w, sg_b, sg_c, sg_h, sg_w,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr,
     ):
         """Backward pass 1 (long sequences only): reverse dh recurrence of each chunk from zero.
 
         Emits exp(dt_s*A) * dh_s at the chunk's first step s (what the chunk hands to its left
-        neighbour) and sum(dt) over the chunk.
+        neighbour) and sum(dt) over the chunk. MAP_IO: dy is read from the merged (B, D, H, W)
+        gradient map along each group's route.
         """
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
@@ -285,6 +324,7 @@ if triton is not None:
         dh_right = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         first_decay = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        offs_d = channels - group * channels_per_group
         for i in range(0, n_tiles):
             t = start + (n_tiles - 1 - i) * BLOCK_T + offs_t
             mask = mask_d[:, None] & (t < stop)[None, :]
@@ -292,7 +332,8 @@ if triton is not None:
             dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
             decay = tl.exp(dt[:, None, :] * A[:, :, None])
             next_decay = _next_decay(delta_ptr, bias, A, row, t, mask_d, stop, SOFTPLUS)
-            g = tl.load(dy_ptr + row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+            g_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, sg_b, sg_c, sg_h, sg_w, MAP_IO)
+            g = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
             Ct = tl.load(C_ptr + bc_row[:, None] + t[None, :], mask=mask_n[:, None] & (t < stop)[None, :],
                          other=0.0).to(tl.float32)
             decay_suffix, local = tl.associative_scan((next_decay, g[:, None, :] * Ct[None, :, :]), 2, _compose,
@@ -344,7 +385,8 @@ if triton is not None:
             tile = n_tiles - 1 - i
             t = start + tile * BLOCK_T + offs_t
             u, pre, dt, Bt, decay, drive, mask = _load_tile(
-                u_ptr, delta_ptr, bias, A, B_ptr, row, bc_row, t, mask_d, mask_n, stop, SOFTPLUS)
+                u_ptr, delta_ptr, bias, A, B_ptr, row[:, None] + t[None, :], row, bc_row, t, mask_d, mask_n, stop,
+                SOFTPLUS)
             h_entry = tl.load(tile_state_ptr + tile_rows + (first_tile + tile) * d_state, mask=mask_dn, other=0.0)
             decay_prefix, local = tl.associative_scan((decay, drive), 2, _compose)
             states = local + decay_prefix * h_entry[:, :, None]
@@ -398,12 +440,13 @@ if triton is not None:
         return n_channels, A, bias, skip, pair, pair * length, bc_row
 
     @triton.jit
-    def _load_tile_n1(u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, bc_row, t, mask_d, stop, SOFTPLUS: tl.constexpr):
+    def _load_tile_n1(u_ptr, delta_ptr, B_ptr, C_ptr, bias, u_offs, row, bc_row, t, mask_d, stop,
+                      SOFTPLUS: tl.constexpr):
         """u, pre-activation, dt, B, C of steps t for d_state = 1; dt = 0 past the end."""
         mask_t = t < stop
         mask = mask_d[:, None] & mask_t[None, :]
         offs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + u_offs, mask=mask, other=0.0).to(tl.float32)
         pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
         dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
         Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
@@ -414,10 +457,11 @@ if triton is not None:
     def _scan_fwd_n1_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, h_in_ptr, y_ptr, tile_state_ptr,
         length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group,
+        map_h, map_w, su_b, su_c, su_h, su_w,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
-        STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr,
     ):
-        """_scan_fwd_kernel for d_state = 1."""
+        """_scan_fwd_kernel for d_state = 1; MAP_IO reads u from the (B, D, H, W) map (_io_offsets)."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         offs_t = tl.arange(0, BLOCK_T)
@@ -430,11 +474,14 @@ if triton is not None:
             h = tl.zeros([BLOCK_D], dtype=tl.float32)
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
+        offs_d = channels - group * channels_per_group
         for t0 in range(start, stop, BLOCK_T):
             if STORE_STATES:
                 tl.store(tile_state_ptr + pair * n_tiles_total + t0 // BLOCK_T, h, mask=mask_d)
+            t = t0 + offs_t
+            u_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, su_b, su_c, su_h, su_w, MAP_IO)
             u, pre, dt, Bt, Ct, mask_t, mask, offs = _load_tile_n1(
-                u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, bc_row, t0 + offs_t, mask_d, stop, SOFTPLUS)
+                u_ptr, delta_ptr, B_ptr, C_ptr, bias, u_offs, row, bc_row, t, mask_d, stop, SOFTPLUS)
             decay = tl.exp(dt * A[:, None])
             decay_prefix, local = tl.associative_scan((decay, dt * u * Bt[None, :]), 1, _compose)
             states = local + decay_prefix * h[:, None]
@@ -446,10 +493,12 @@ if triton is not None:
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, dy_ptr, dh_in_ptr,
         tile_state_ptr, du_ptr, ddelta_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
         length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group,
+        map_h, map_w, su_b, su_c, su_h, su_w, sg_b, sg_c, sg_h, sg_w,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr,
     ):
-        """_scan_bwd_kernel for d_state = 1."""
+        """_scan_bwd_kernel for d_state = 1; MAP_IO reads u from the (B, D, H, W) map and dy from the
+        merged gradient map (_io_offsets). du and ddelta are written in sequence order either way."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         offs_t = tl.arange(0, BLOCK_T)
@@ -467,12 +516,15 @@ if triton is not None:
         dA_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        offs_d = channels - group * channels_per_group
         for i in range(0, n_tiles):
             tile = n_tiles - 1 - i
             t = start + tile * BLOCK_T + offs_t
+            u_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, su_b, su_c, su_h, su_w, MAP_IO)
             u, pre, dt, Bt, Ct, mask_t, mask, offs = _load_tile_n1(
-                u_ptr, delta_ptr, B_ptr, C_ptr, bias, row, bc_row, t, mask_d, stop, SOFTPLUS)
-            g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                u_ptr, delta_ptr, B_ptr, C_ptr, bias, u_offs, row, bc_row, t, mask_d, stop, SOFTPLUS)
+            g_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, sg_b, sg_c, sg_h, sg_w, MAP_IO)
+            g = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
             mask_next = mask_d[:, None] & (t + 1 < stop)[None, :]
             pre_next = tl.load(delta_ptr + offs + 1, mask=mask_next, other=0.0).to(tl.float32) + bias[:, None]
             next_decay = tl.exp(tl.where(mask_next, _step_size(pre_next, SOFTPLUS), 0.0) * A[:, None])
@@ -534,6 +586,10 @@ def _sm_count(device: torch.device) -> int:
 N1_INFERENCE_TILES = (128, 8, 2, 80)
 N1_TRAINING_TILES = (32, 16, 2, 96)
 N1_BACKWARD_LAUNCH = (8, 2, 64)
+# The same for the fused SS2D core, whose kernels read u (and dy) from the map (MAP_IO).
+N1_MAP_INFERENCE_TILES = (64, 8, 2, 80)
+N1_MAP_TRAINING_TILES = (32, 16, 2, 96)
+N1_MAP_BACKWARD_LAUNCH = (8, 2, 96)
 
 
 class ScanLaunch(NamedTuple):
@@ -552,13 +608,15 @@ class ScanLaunch(NamedTuple):
     bwd_maxnreg: int | None = None
 
 
-def _default_tiles(block_n: int, training: bool) -> tuple[int, int, int, int | None]:
+def _default_tiles(block_n: int, training: bool, map_io: bool = False) -> tuple[int, int, int, int | None]:
     """(BLOCK_T, largest BLOCK_D, num_warps, maxnreg) of the forward.
 
     N = 1: inference runs long tiles over few channels; when a backward follows, the forward must
     use the backward's tile length (it stores the state entering each tile), and the backward is
     fastest on short tiles. N > 1 multiplies the tile by N, so tiles get shorter.
     """
+    if block_n == 1 and map_io:
+        return N1_MAP_TRAINING_TILES if training else N1_MAP_INFERENCE_TILES
     if block_n == 1:
         return N1_TRAINING_TILES if training else N1_INFERENCE_TILES
     block_t = 32 if block_n <= 4 else 16
@@ -578,7 +636,7 @@ def _split_channels(channels_per_group: int, largest: int) -> int:
 
 def choose_scan_config(batch, groups, channels_per_group, d_state, length, device="cpu",
                        chunk_size=None, block_d=None, block_t=None, sm_count=None, num_warps=None,
-                       training=False) -> ScanLaunch:
+                       training=False, map_io=False) -> ScanLaunch:
     """Launch configuration of a scan call.
 
     Tiles (BLOCK_T steps x BLOCK_D channels), warps and register caps come from ``_default_tiles``
@@ -586,17 +644,18 @@ def choose_scan_config(batch, groups, channels_per_group, d_state, length, devic
     of the lanes masked off. Chunks: enough (batch, channel block, chunk) programs for about four
     per SM, no chunk shorter than 256 steps, so that batch 128 at 224x224 runs one chunk (no carry
     passes) and batch 1 at L = 65,536 many. ``training`` picks the tiles for a forward that a
-    backward will follow. Explicit ``block_d`` / ``num_warps`` apply to the forward and backward.
+    backward will follow, ``map_io`` those of the fused SS2D core (u read from the map). Explicit
+    ``block_d`` / ``num_warps`` apply to the forward and backward.
     """
     block_n = _next_power_of_2(d_state)
-    default_t, default_d, default_warps, maxnreg = _default_tiles(block_n, training)
+    default_t, default_d, default_warps, maxnreg = _default_tiles(block_n, training, map_io)
     # Short sequences (the last stages) get tiles no longer than themselves.
     block_t = block_t or min(default_t, max(16, _next_power_of_2(length)))
     explicit_d, explicit_warps = block_d, num_warps
     num_warps = num_warps or default_warps
     block_d = block_d or _split_channels(channels_per_group, default_d)
     if block_n == 1:
-        bwd_d, bwd_warps, bwd_maxnreg = N1_BACKWARD_LAUNCH
+        bwd_d, bwd_warps, bwd_maxnreg = N1_MAP_BACKWARD_LAUNCH if map_io else N1_BACKWARD_LAUNCH
         bwd_d = explicit_d or _split_channels(channels_per_group, bwd_d)
         bwd_warps = explicit_warps or bwd_warps
     else:
@@ -621,10 +680,29 @@ def _register_cap(maxnreg):
     return {} if maxnreg is None or _INTERPRET else {"maxnreg": maxnreg}
 
 
+_NO_MAP = (0, 0, 0, 0, 0, 0)
+
+
+def _map_args(u, dy=None):
+    """(H, W) and element strides of the (B, D, H, W) maps a MAP_IO launch reads u (and dy) from."""
+    if u.dim() != 4:
+        return _NO_MAP + ((0, 0, 0, 0) if dy is not None else ())
+    args = (u.shape[2], u.shape[3], *u.stride())
+    return args + (tuple(dy.stride()) if dy is not None else ())
+
+
 def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, cfg, store_states):
-    """y, and the state entering every BLOCK_T tile (None unless store_states)."""
+    """y, and the state entering every BLOCK_T tile (None unless store_states).
+
+    u is either (B, K*D, L) like delta, or the (B, D, H, W) map the four groups (K = 4) read along
+    their cross-scan routes; y is (B, K*D, L) in sequence order either way.
+    """
     block_d, block_n, block_t, chunk_len, n_chunks, n_blocks, num_warps = cfg[:7]
-    batch, channels, length = u.shape
+    batch, channels, length = delta.shape
+    map_io = u.dim() == 4
+    map_args = _map_args(u)
+    if map_io and A.shape[1] != 1:
+        raise ValueError("reading u from the map is implemented for d_state = 1 only")
     groups, d_state = B.shape[1], A.shape[1]
     per_group = channels // groups
     grid = (batch * groups * n_blocks, n_chunks)
@@ -635,9 +713,9 @@ def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype
         end_state = torch.empty(batch, channels, n_chunks, d_state, **f32)
         dt_sum = torch.empty(batch, channels, n_chunks, **f32)
         _scan_chunk_state_kernel[grid](
-            u, delta, A, B, delta_bias if delta_bias is not None else A, end_state, dt_sum, *shape_args,
+            u, delta, A, B, delta_bias if delta_bias is not None else A, end_state, dt_sum, *shape_args, *map_args,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps)
+            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, MAP_IO=map_io, num_warps=num_warps)
         h_in = torch.empty_like(end_state)
         _launch_carry(end_state, dt_sum, A, h_in, reverse=False)
     n_tiles_total = -(-length // block_t)
@@ -650,7 +728,7 @@ def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype
                  SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=block_d, BLOCK_T=block_t,
                  num_warps=num_warps)
     if d_state == 1:
-        _scan_fwd_n1_kernel[grid](*args, **flags, **_register_cap(cfg.maxnreg))
+        _scan_fwd_n1_kernel[grid](*args, *map_args, **flags, MAP_IO=map_io, **_register_cap(cfg.maxnreg))
     else:
         _scan_fwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
     return y, tile_state
@@ -667,10 +745,17 @@ def _launch_carry(local, dt_sum, A, carry, reverse):
 
 
 def _scan_backward(u, delta, A, B, C, D, delta_bias, tile_state, dy, delta_softplus, cfg):
+    """Gradients of every scan input; du is (B, K*D, L) in sequence order.
+
+    With u a (B, D, H, W) map (see _scan_forward), dy is the gradient of the merged (B, D, H, W)
+    output, read by every group along its route: the cross-merge's backward is never built.
+    """
     # Same tiles along L as the forward (tile_state is per tile); its own channel blocks and warps.
     block_n, block_t, chunk_len, n_chunks = cfg.block_n, cfg.block_t, cfg.chunk_len, cfg.n_chunks
     block_d, num_warps = cfg.bwd_block_d, cfg.bwd_num_warps
-    batch, channels, length = u.shape
+    batch, channels, length = delta.shape
+    map_io = u.dim() == 4
+    map_args = _map_args(u, dy)
     groups, d_state = B.shape[1], A.shape[1]
     per_group = channels // groups
     n_blocks = -(-per_group // block_d)
@@ -684,12 +769,13 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, tile_state, dy, delta_softp
         dt_sum = torch.empty(batch, channels, n_chunks, **f32)
         _scan_bwd_chunk_kernel[grid](
             delta, A, C, delta_bias if delta_bias is not None else dummy, dy, end_grad, dt_sum, *shape_args,
+            *map_args[:2], *map_args[6:],
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=num_warps)
+            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, MAP_IO=map_io, num_warps=num_warps)
         dh_in = torch.empty_like(end_grad)
         _launch_carry(end_grad, dt_sum, A, dh_in, reverse=True)
     n_tiles_total = -(-length // block_t)
-    du = torch.empty_like(u)
+    du = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
     ddelta = torch.empty_like(delta)
     dB = torch.zeros(B.shape, **f32)
     dC = torch.zeros(C.shape, **f32)
@@ -703,7 +789,7 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, tile_state, dy, delta_softp
     flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=n_chunks > 1,
                  SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=num_warps)
     if d_state == 1:
-        _scan_bwd_n1_kernel[grid](*args, **flags, **_register_cap(cfg.bwd_maxnreg))
+        _scan_bwd_n1_kernel[grid](*args, *map_args, **flags, MAP_IO=map_io, **_register_cap(cfg.bwd_maxnreg))
     else:
         _scan_bwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
     dA = dA_part.sum(0)
@@ -890,12 +976,147 @@ def cross_merge(ys: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# The SS2D core with the scan reading the map: no (B, 4, D, L) cross-scan copies
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _route_kernel(map_ptr, seq_ptr, channels, height, width, s_b, s_c, s_h, s_w,
+                      TO_MAP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        """seq[b, k, c, s] = map[b, k*C + c, pixel at step s of route k]: each route's own channel
+        slice laid out along that route (TO_MAP: the inverse permutation, for the gradient).
+
+        One program = one (batch, route) pair and BLOCK_L steps of all C channels.
+        """
+        pid = tl.program_id(0)
+        batch = pid // 4
+        route = pid % 4
+        length = height * width
+        steps = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+        offs_c = tl.arange(0, BLOCK_C)
+        mask = (offs_c < channels)[:, None] & (steps < length)[None, :]
+        map_offs = (batch.to(tl.int64) * s_b + (route * channels + offs_c).to(tl.int64)[:, None] * s_c
+                    + _route_offsets(steps, route, height, width, s_h, s_w)[None, :])
+        seq_offs = (pid.to(tl.int64) * channels + offs_c)[:, None] * length + steps[None, :]
+        if TO_MAP:
+            tl.store(map_ptr + map_offs, tl.load(seq_ptr + seq_offs, mask=mask), mask=mask)
+        else:
+            tl.store(seq_ptr + seq_offs, tl.load(map_ptr + map_offs, mask=mask), mask=mask)
+
+
+def _route_launch(proj, seq, to_map):
+    batch, height, width, routed = proj.shape
+    channels = routed // 4
+    block_c = _next_power_of_2(channels)
+    block_l = max(32, min(256, 4096 // block_c))
+    s_b, s_h, s_w, s_c = proj.stride()
+    grid = (batch * 4, triton.cdiv(height * width, block_l))
+    _route_kernel[grid](proj, seq, channels, height, width, s_b, s_c, s_h, s_w,
+                        TO_MAP=to_map, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=4)
+
+
+class _RouteProjections(torch.autograd.Function):
+    """(B, H, W, 4*C) per-pixel projections -> (B, 4, C, L): slice k along route k."""
+
+    @staticmethod
+    def forward(ctx, proj):
+        batch, height, width, routed = proj.shape
+        ctx.hw = (height, width)
+        seq = torch.empty(batch, 4, routed // 4, height * width, dtype=proj.dtype, device=proj.device)
+        _route_launch(proj, seq, to_map=False)
+        return seq
+
+    @staticmethod
+    def backward(ctx, grad):
+        batch, _, channels, length = grad.shape
+        height, width = ctx.hw
+        dproj = torch.empty(batch, height, width, 4 * channels, dtype=grad.dtype, device=grad.device)
+        _route_launch(dproj, grad.contiguous(), to_map=True)
+        return dproj
+
+
+class _TritonCrossScanMerge(torch.autograd.Function):
+    """cross_merge(selective_scan(cross_scan(x), ...)) with the scan reading x along each route.
+
+    The backward reads the merged output's gradient the same way, so neither the (B, 4, D, L) copies
+    of x nor those of the gradient are built; y and du are merged by the cross-merge kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D, delta_bias, cfg):
+        store_states = any(ctx.needs_input_grad[:7])
+        y, tile_state = _scan_forward(x, delta, A, B, C, D, delta_bias, True, torch.float32, cfg, store_states)
+        ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, tile_state)
+        ctx.cfg = cfg
+        batch, d_inner, height, width = x.shape
+        return _merge_layout(y.view(batch, 4, d_inner, height * width), height, width)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, delta, A, B, C, D, delta_bias, tile_state = ctx.saved_tensors
+        batch, d_inner, height, width = x.shape
+        u, cfg = x, ctx.cfg
+        if not BACKWARD_READS_MAP:
+            # Sequence-ordered copies of x and of the gradient for the plain backward kernel.
+            u = _scan_layout(x).view(batch, 4 * d_inner, height * width)
+            dout = _scan_layout(dout).view(batch, 4 * d_inner, height * width)
+            cfg = cfg._replace(bwd_block_d=_split_channels(d_inner, N1_BACKWARD_LAUNCH[0]),
+                               bwd_num_warps=N1_BACKWARD_LAUNCH[1], bwd_maxnreg=N1_BACKWARD_LAUNCH[2])
+        du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
+            u, delta, A, B, C, D, delta_bias, tile_state, dout, True, cfg)
+        dx = _merge_layout(du.view(batch, 4, d_inner, height * width), height, width)
+        return dx, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias, None
+
+
+# Which SS2D core runs (docs/kernels-gpu.md has the measurements behind the defaults): the fused
+# one, whose backward works on sequence-ordered copies of x and of the gradient. Its backward
+# reading the map instead (BACKWARD_READS_MAP) ran at half the kernel speed on the H200 and cost
+# more host time per training step; FUSED_TRAINING = False or FUSED_CROSS_SCAN = False give the
+# composed ops (cross-scan copies, batched projections) with a backward or throughout.
+FUSED_CROSS_SCAN = True
+FUSED_TRAINING = True
+BACKWARD_READS_MAP = False
+
+
+def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, **launch):
+    """The SS2D core (spec §3.7 + §5) for CUDA tensors; the fused form builds no cross-scan copies.
+
+    Fused (d_state = 1; with a backward only if FUSED_TRAINING): the x projection runs once per pixel on
+    the map (one GEMM for the four routes' weights) and only its small output, R + 2 values per
+    route, is laid out along the routes; the scan reads x itself along each route (see
+    _io_offsets) and its output is merged by the cross-merge kernel. Otherwise the composed ops run.
+    ``launch`` (chunk_size, block_d, block_t, num_warps) overrides the fused scan's launch heuristic.
+    """
+    from . import compose_cross_selective_scan
+
+    routes, rank_and_state, d_inner = x_proj_weight.shape
+    training = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds))
+    if not FUSED_CROSS_SCAN or (training and not FUSED_TRAINING) or A_logs.shape[1] != 1 or routes != 4:
+        return compose_cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                                            backend="triton")
+    batch, _, height, width = x.shape
+    length = height * width
+    rank = dt_projs_weight.shape[2]
+    proj = torch.nn.functional.linear(x.permute(0, 2, 3, 1),
+                                      x_proj_weight.reshape(routes * rank_and_state, d_inner).to(x.dtype))
+    dts, Bs, Cs = torch.split(_RouteProjections.apply(proj), [rank, 1, 1], dim=2)
+    delta = torch.matmul(dt_projs_weight.to(dts.dtype), dts)                  # (B, 4, Di, L)
+    cfg = choose_scan_config(batch, routes, d_inner, 1, length, x.device, training=training, map_io=True,
+                             **launch)
+    return _TritonCrossScanMerge.apply(
+        x, delta.view(batch, routes * d_inner, length), -torch.exp(A_logs.float()), Bs.contiguous(),
+        Cs.contiguous(), Ds.float().contiguous(), dt_projs_bias.reshape(-1).float().contiguous(), cfg)
+
+
+# ----------------------------------------------------------------------------------------------
 # Ahead-of-time compilation (CI proof that every kernel builds for real GPUs, no GPU needed)
 # ----------------------------------------------------------------------------------------------
 
 # Pointer arguments that carry the caller's activation dtype; every other pointer is float32.
 _IO_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "du_ptr", "ddelta_ptr", "x_ptr", "seq_ptr",
-                "y_ptr", "dy_ptr", "dx_ptr"}
+                "y_ptr", "dy_ptr", "dx_ptr", "map_ptr"}
 
 
 def kernel_variants(d_states=(1, 16)):
@@ -908,17 +1129,23 @@ def kernel_variants(d_states=(1, 16)):
         block_d, block_n, block_t, num_warps = cfg.block_d, cfg.block_n, cfg.block_t, cfg.num_warps
         blocks = dict(BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t)
         full = dict(HAS_D=True, HAS_INIT=True, **flags)
-        variants += [
-            (f"chunk_state[N={d_state}]", _scan_chunk_state_kernel, dict(**flags, **blocks), num_warps),
-            (f"bwd_chunk[N={d_state}]", _scan_bwd_chunk_kernel, dict(**flags, **blocks), num_warps),
-        ]
-        if d_state == 1:
-            blocks_2d = dict(BLOCK_D=block_d, BLOCK_T=block_t)
+        # N = 1 kernels also read u (and dy) from the map in the fused SS2D core.
+        for map_io in ((False, True) if d_state == 1 else (False,)):
+            tag = ",map" if map_io else ""
             variants += [
-                ("scan_fwd[N=1]", _scan_fwd_n1_kernel, dict(**full, STORE_STATES=True, **blocks_2d), num_warps),
-                ("scan_bwd[N=1]", _scan_bwd_n1_kernel, dict(**full, **blocks_2d), num_warps),
+                (f"chunk_state[N={d_state}{tag}]", _scan_chunk_state_kernel, dict(**flags, **blocks, MAP_IO=map_io),
+                 num_warps),
+                (f"bwd_chunk[N={d_state}{tag}]", _scan_bwd_chunk_kernel, dict(**flags, **blocks, MAP_IO=map_io),
+                 num_warps),
             ]
-        else:
+            if d_state == 1:
+                blocks_2d = dict(BLOCK_D=block_d, BLOCK_T=block_t, MAP_IO=map_io)
+                variants += [
+                    (f"scan_fwd[N=1{tag}]", _scan_fwd_n1_kernel, dict(**full, STORE_STATES=True, **blocks_2d),
+                     num_warps),
+                    (f"scan_bwd[N=1{tag}]", _scan_bwd_n1_kernel, dict(**full, **blocks_2d), num_warps),
+                ]
+        if d_state != 1:
             variants += [
                 (f"scan_fwd[N={d_state}]", _scan_fwd_kernel, dict(**full, STORE_STATES=True, **blocks), num_warps),
                 (f"scan_bwd[N={d_state}]", _scan_bwd_kernel, dict(**full, **blocks), num_warps),
@@ -930,6 +1157,8 @@ def kernel_variants(d_states=(1, 16)):
 
     variants += [("ln_fwd", _ln_fwd_kernel, dict(BLOCK_R=32, BLOCK_C=128), 4),
                  ("ln_bwd", _ln_bwd_kernel, dict(BLOCK_R=32, BLOCK_C=128), 4)]
+    for to_map in (False, True):
+        variants.append((f"route[to_map={to_map}]", _route_kernel, dict(TO_MAP=to_map, BLOCK_C=8, BLOCK_L=256), 4))
     for merge in (False, True):
         variants.append((f"cross[merge={merge}]", _cross_kernel,
                          dict(MERGE=merge, BLOCK_C=_CROSS_SCAN_LAUNCH[0], BLOCK_H=_CROSS_SCAN_LAUNCH[1],

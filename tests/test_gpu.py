@@ -119,6 +119,47 @@ def test_triton_cross_scan_many_planes():
     torch.testing.assert_close(scan_triton.cross_merge(ys), cross_merge_reference(ys), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch,d_inner,height,width", [
+    (2, 96, 56, 56),      # VMamba-T stage 0 at 224, one chunk
+    (1, 96, 256, 256),    # stage 0 at 1024: L = 65,536, the heuristic's many chunks
+    (3, 40, 13, 21),      # H != W, masked channel lanes
+])
+@pytest.mark.parametrize("channels_last,reads_map", [(True, True), (False, True), (True, False)])
+def test_fused_core_matches_composed_ops(monkeypatch, batch, d_inner, height, width, channels_last, reads_map):
+    """The d_state = 1 SS2D core reading x and the merged gradient along each route (float32)
+    against the composed torch-backend ops (cross-scan copies, float64 projections, the blocked
+    scan with its float32 state). A wrong route index gives errors of order 1."""
+    from vmamba_cli.kernels import compose_cross_selective_scan
+
+    gen = torch.Generator(device="cuda").manual_seed(batch * height + width)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device="cuda") * scale
+
+    monkeypatch.setattr(scan_triton, "FUSED_TRAINING", True)
+    monkeypatch.setattr(scan_triton, "BACKWARD_READS_MAP", reads_map)
+    rank = max(1, d_inner // 16)
+    params = {"x_proj_weight": randn(4, rank + 2, d_inner, scale=d_inner ** -0.5),
+              "dt_projs_weight": randn(4, d_inner, rank, scale=rank ** -0.5),
+              "dt_projs_bias": randn(4, d_inner, scale=0.5) - 3.0,
+              "A_logs": randn(4 * d_inner, 1, scale=0.3), "Ds": randn(4 * d_inner)}
+    x = randn(batch, d_inner, height, width)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dout = randn(batch, d_inner, height, width)
+    results = {}
+    for name, core, dtype in (("fused", scan_triton.cross_selective_scan, torch.float32),
+                              ("composed", lambda *a: compose_cross_selective_scan(*a, backend="torch"),
+                               torch.float64)):
+        leaves = {k: v.to(dtype).detach().clone().requires_grad_(True) for k, v in {"x": x, **params}.items()}
+        out = core(*leaves.values())
+        (out.double() * dout).sum().backward()
+        results[name] = (out.detach(), {k: v.grad for k, v in leaves.items()})
+    assert _rel(results["fused"][0], results["composed"][0]) < 1e-4
+    for k, grad in results["composed"][1].items():
+        assert _rel(results["fused"][1][k], grad) < 1e-3, k
+
+
 def test_model_triton_matches_torch_backend_forward_and_backward():
     from vmamba_cli.model import create_model
 
@@ -136,6 +177,9 @@ def test_model_triton_matches_torch_backend_forward_and_backward():
     # TF32 may be on for convolutions; compare relative norms.
     assert _rel(outputs["triton"][0], outputs["torch"][0]) < 1e-3
     assert _rel(outputs["triton"][1], outputs["torch"][1]) < 1e-2
+    # Inference (no backward) runs the fused SS2D core.
+    with torch.no_grad():
+        assert _rel(model(images), outputs["torch"][0]) < 1e-3
 
 
 def test_auto_backend_is_triton_on_cuda():

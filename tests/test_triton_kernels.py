@@ -287,8 +287,11 @@ def test_every_kernel_compiles_for_gpu(aot_results, cap, io, d_states):
             expected.add(f"{name}[N={n}]/{io}")
         for reverse in (False, True):
             expected.add(f"chunk_carry[N={n},reverse={reverse}]/fp32")
+    if 1 in d_states:
+        expected |= {f"{name}[N=1,map]/{io}" for name in ("chunk_state", "scan_fwd", "bwd_chunk", "scan_bwd")}
     for merge in (False, True):
         expected.add(f"cross[merge={merge}]/{io}")
+        expected.add(f"route[to_map={merge}]/{io}")
     expected |= {f"ln_fwd/{io}", f"ln_bwd/{io}"}
     assert set(compiled) == expected
     for label, info in compiled.items():
@@ -297,8 +300,11 @@ def test_every_kernel_compiles_for_gpu(aot_results, cap, io, d_states):
         assert info["shared"] < 64 * 1024, label
 
 
-def test_ss2d_core_with_triton_matches_torch_backend():
-    """The model's SS2D core (cross-scan, projections, scan, merge) through the Triton ops, fwd + bwd."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_ss2d_core_with_triton_matches_torch_backend(monkeypatch, fused):
+    """The model's SS2D core (cross-scan, projections, scan, merge) through the Triton ops, fwd + bwd:
+    the fused core (the default) and the composed one."""
+    monkeypatch.setattr(scan_triton, "FUSED_CROSS_SCAN", fused)
     gen = torch.Generator().manual_seed(12)
     batch, d_inner, height, width, d_state, rank, k = 1, 4, 3, 5, 1, 2, 4
     params = {
@@ -321,6 +327,106 @@ def test_ss2d_core_with_triton_matches_torch_backend():
     assert _relative_error(out_t, out_ref) <= 1e-5
     for name, grad in grads_ref.items():
         assert _relative_error(grads_t[name], grad) <= 1e-5, name
+
+
+def _ss2d_params(d_inner, d_state, rank, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    k = 4
+    return {
+        "x_proj_weight": torch.randn(k, rank + 2 * d_state, d_inner, generator=gen) * 0.5,
+        "dt_projs_weight": torch.randn(k, d_inner, rank, generator=gen) * 0.5,
+        "dt_projs_bias": torch.randn(k, d_inner, generator=gen) * 0.5,
+        "A_logs": torch.randn(k * d_inner, d_state, generator=gen) * 0.3,
+        "Ds": torch.randn(k * d_inner, generator=gen),
+    }
+
+
+def _core_outputs(core, x, params, g):
+    leaves = {name: v.clone().requires_grad_(True) for name, v in {"x": x, **params}.items()}
+    out = core(*leaves.values())
+    (out.float() * g).sum().backward()
+    return out.detach(), {name: v.grad for name, v in leaves.items()}
+
+
+@pytest.mark.parametrize("height,width,channels_last,launch,reads_map", [
+    (3, 5, True, {}, True),
+    (5, 3, False, {}, True),
+    # 35 steps in 8-step tiles and 16-step chunks: both carry passes and the tile hand-over, with
+    # every route's pixels crossing tile and chunk borders at different places.
+    (7, 5, True, dict(chunk_size=16, block_t=8, block_d=4), True),
+    # The backward that builds sequence-ordered copies instead (BACKWARD_READS_MAP = False).
+    (7, 5, True, dict(chunk_size=16, block_t=8, block_d=4), False),
+])
+def test_fused_core_reads_the_map_along_each_route(monkeypatch, height, width, channels_last, launch, reads_map):
+    """The d_state = 1 core builds no cross-scan copies (in the backward only when asked to); output
+    and all six gradients equal the composed torch ops (which do build them)."""
+    from vmamba_cli.kernels import compose_cross_selective_scan
+
+    batch, d_inner, rank = 2, 6, 2
+    params = _ss2d_params(d_inner, 1, rank, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(batch, d_inner, height, width, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(batch, d_inner, height, width, generator=gen)
+    # The fused path must not fall back to the composed ops or build the cross-scan.
+    monkeypatch.setattr(scan_triton, "FUSED_TRAINING", True)
+    monkeypatch.setattr(scan_triton, "BACKWARD_READS_MAP", reads_map)
+    if reads_map:
+        monkeypatch.setattr(scan_triton, "_scan_layout", lambda *a, **k: pytest.fail("cross-scan copies built"))
+    out_f, grads_f = _core_outputs(lambda *a: scan_triton.cross_selective_scan(*a, **launch), x, params, g)
+    monkeypatch.undo()
+    out_ref, grads_ref = _core_outputs(
+        lambda *a: compose_cross_selective_scan(*a, backend="torch"), x, params, g)
+    assert out_f.shape == out_ref.shape
+    assert _relative_error(out_f, out_ref) <= 1e-5
+    for name, grad in grads_ref.items():
+        assert grads_f[name].shape == grad.shape, name
+        assert _relative_error(grads_f[name], grad) <= 1e-5, name
+
+
+def test_fused_core_bf16_and_switches(monkeypatch):
+    """bf16 activations through the fused core (loose tolerance); the switches: fused with and
+    without a backward by default, composed with a backward when FUSED_TRAINING is off and
+    throughout when FUSED_CROSS_SCAN is off."""
+    from vmamba_cli.kernels import compose_cross_selective_scan
+
+    params = _ss2d_params(4, 1, 2, seed=23)
+    x = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(24))
+    expected = compose_cross_selective_scan(x, *params.values(), backend="torch")
+    actual = kernels.cross_selective_scan(x.bfloat16(), *params.values(), backend="triton")
+    assert actual.dtype == torch.float32
+    assert _relative_error(actual, expected) <= 5e-2
+    calls = []
+    monkeypatch.setattr(scan_triton, "_TritonCrossScanMerge",
+                        type("Spy", (), {"apply": staticmethod(lambda *a: calls.append(1))}))
+    kernels.cross_selective_scan(x, *params.values(), backend="triton")
+    kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton")
+    assert calls == [1, 1]
+    monkeypatch.setattr(scan_triton, "FUSED_TRAINING", False)
+    trained = kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton")
+    assert calls == [1, 1] and trained.requires_grad and _relative_error(trained.detach(), expected) <= 1e-5
+    monkeypatch.setattr(scan_triton, "FUSED_CROSS_SCAN", False)
+    composed = kernels.cross_selective_scan(x, *params.values(), backend="triton")
+    assert calls == [1, 1] and _relative_error(composed, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("height,width", [(3, 5), (4, 4)])
+def test_route_projections_match_cross_scan(height, width):
+    """Slice k of the per-pixel projections laid out along route k, and the gradient back."""
+    gen = torch.Generator().manual_seed(25)
+    batch, per_route = 2, 3
+    proj = torch.randn(batch, height, width, 4 * per_route, generator=gen, requires_grad=True)
+    seq = scan_triton._RouteProjections.apply(proj)
+    every_route = cross_scan_reference(proj.detach().permute(0, 3, 1, 2))   # (B, 4, 4*C, L)
+    expected = torch.stack([every_route[:, k, k * per_route:(k + 1) * per_route] for k in range(4)], dim=1)
+    assert torch.equal(seq.detach(), expected)
+    grad = torch.randn(seq.shape, generator=gen)
+    (seq * grad).sum().backward()
+    proj_ref = proj.detach().clone().requires_grad_(True)
+    routes = cross_scan_reference(proj_ref.permute(0, 3, 1, 2))
+    (torch.stack([routes[:, k, k * per_route:(k + 1) * per_route] for k in range(4)], dim=1) * grad).sum().backward()
+    assert torch.equal(proj.grad, proj_ref.grad)
 
 
 # ----------------------------------------------------------------------------------------------
