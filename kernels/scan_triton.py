@@ -1044,11 +1044,11 @@ class _TritonCrossScanMerge(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, D, delta_bias, cfg):
+    def forward(ctx, x, delta, A, B, C, D, delta_bias, cfg, backward_reads_map):
         store_states = any(ctx.needs_input_grad[:7])
         y, tile_state = _scan_forward(x, delta, A, B, C, D, delta_bias, True, torch.float32, cfg, store_states)
         ctx.save_for_backward(x, delta, A, B, C, D, delta_bias, tile_state)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.backward_reads_map = cfg, backward_reads_map
         batch, d_inner, height, width = x.shape
         return _merge_layout(y.view(batch, 4, d_inner, height * width), height, width)
 
@@ -1056,17 +1056,15 @@ class _TritonCrossScanMerge(torch.autograd.Function):
     def backward(ctx, dout):
         x, delta, A, B, C, D, delta_bias, tile_state = ctx.saved_tensors
         batch, d_inner, height, width = x.shape
-        u, cfg = x, ctx.cfg
-        if not BACKWARD_READS_MAP:
+        u = x
+        if not ctx.backward_reads_map:
             # Sequence-ordered copies of x and of the gradient for the plain backward kernel.
             u = _scan_layout(x).view(batch, 4 * d_inner, height * width)
             dout = _scan_layout(dout).view(batch, 4 * d_inner, height * width)
-            cfg = cfg._replace(bwd_block_d=_split_channels(d_inner, N1_BACKWARD_LAUNCH[0]),
-                               bwd_num_warps=N1_BACKWARD_LAUNCH[1], bwd_maxnreg=N1_BACKWARD_LAUNCH[2])
         du, ddelta, dA, dB, dC, dD, dbias = _scan_backward(
-            u, delta, A, B, C, D, delta_bias, tile_state, dout, True, cfg)
+            u, delta, A, B, C, D, delta_bias, tile_state, dout, True, ctx.cfg)
         dx = _merge_layout(du.view(batch, 4, d_inner, height * width), height, width)
-        return dx, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias, None
+        return dx, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias, None, None
 
 
 # Which SS2D core runs (docs/kernels-gpu.md has the measurements behind the defaults): the fused
@@ -1105,9 +1103,15 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
     delta = torch.matmul(dt_projs_weight.to(dts.dtype), dts)                  # (B, 4, Di, L)
     cfg = choose_scan_config(batch, routes, d_inner, 1, length, x.device, training=training, map_io=True,
                              **launch)
+    if training and not BACKWARD_READS_MAP:
+        # The backward runs the plain kernel on sequence-ordered copies: its launch, same tiles.
+        plain = choose_scan_config(batch, routes, d_inner, 1, length, x.device, training=True, **launch)
+        cfg = cfg._replace(bwd_block_d=plain.bwd_block_d, bwd_num_warps=plain.bwd_num_warps,
+                           bwd_maxnreg=plain.bwd_maxnreg)
     return _TritonCrossScanMerge.apply(
         x, delta.view(batch, routes * d_inner, length), -torch.exp(A_logs.float()), Bs.contiguous(),
-        Cs.contiguous(), Ds.float().contiguous(), dt_projs_bias.reshape(-1).float().contiguous(), cfg)
+        Cs.contiguous(), Ds.float().contiguous(), dt_projs_bias.reshape(-1).float().contiguous(), cfg,
+        BACKWARD_READS_MAP)
 
 
 # ----------------------------------------------------------------------------------------------
