@@ -154,9 +154,8 @@ if triton is not None:
         return pre
 
     @triton.jit
-    def _load_tile(u_ptr, delta_ptr, bias, A, B_ptr, u_offs, row, bc_row, t, mask_d, mask_n, stop,
-                   SOFTPLUS: tl.constexpr):
-        """u, pre-activation, dt, B tiles of steps t and the decay / drive tiles [BLOCK_D, N, BLOCK_T]."""
+    def _load_steps(u_ptr, delta_ptr, bias, u_offs, row, t, mask_d, stop, SOFTPLUS: tl.constexpr):
+        """u, pre-activation and dt [BLOCK_D, BLOCK_T] of steps t, the masks, and the sequence offsets."""
         mask_t = t < stop
         mask = mask_d[:, None] & mask_t[None, :]
         offs = row[:, None] + t[None, :]
@@ -164,6 +163,13 @@ if triton is not None:
         pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
         # Steps past the end get dt = 0: decay 1 and drive 0, so the state passes through unchanged.
         dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
+        return u, pre, dt, mask_t, mask, offs
+
+    @triton.jit
+    def _load_tile(u_ptr, delta_ptr, bias, A, B_ptr, u_offs, row, bc_row, t, mask_d, mask_n, stop,
+                   SOFTPLUS: tl.constexpr):
+        """u, pre-activation, dt, B tiles of steps t and the decay / drive tiles [BLOCK_D, N, BLOCK_T]."""
+        u, pre, dt, mask_t, mask, offs = _load_steps(u_ptr, delta_ptr, bias, u_offs, row, t, mask_d, stop, SOFTPLUS)
         Bt = tl.load(B_ptr + bc_row[:, None] + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
                      other=0.0).to(tl.float32)
         decay = tl.exp(dt[:, None, :] * A[:, :, None])
@@ -443,12 +449,7 @@ if triton is not None:
     def _load_tile_n1(u_ptr, delta_ptr, B_ptr, C_ptr, bias, u_offs, row, bc_row, t, mask_d, stop,
                       SOFTPLUS: tl.constexpr):
         """u, pre-activation, dt, B, C of steps t for d_state = 1; dt = 0 past the end."""
-        mask_t = t < stop
-        mask = mask_d[:, None] & mask_t[None, :]
-        offs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + u_offs, mask=mask, other=0.0).to(tl.float32)
-        pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-        dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
+        u, pre, dt, mask_t, mask, offs = _load_steps(u_ptr, delta_ptr, bias, u_offs, row, t, mask_d, stop, SOFTPLUS)
         Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
         return u, pre, dt, Bt, Ct, mask_t, mask, offs
