@@ -1030,7 +1030,7 @@ class _RouteProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        batch, _, channels, length = grad.shape
+        batch, _, channels, _ = grad.shape
         height, width = ctx.hw
         dproj = torch.empty(batch, height, width, 4 * channels, dtype=grad.dtype, device=grad.device)
         _route_launch(dproj, grad.contiguous(), to_map=True)
@@ -1040,8 +1040,9 @@ class _RouteProjections(torch.autograd.Function):
 class _TritonCrossScanMerge(torch.autograd.Function):
     """cross_merge(selective_scan(cross_scan(x), ...)) with the scan reading x along each route.
 
-    The backward reads the merged output's gradient the same way, so neither the (B, 4, D, L) copies
-    of x nor those of the gradient are built; y and du are merged by the cross-merge kernel.
+    The forward builds no (B, 4, D, L) copies of x; y is merged by the cross-merge kernel. The
+    backward either reads x and the merged output's gradient the same way (backward_reads_map) or
+    runs the plain kernel on sequence-ordered copies of both; du is merged like y.
     """
 
     @staticmethod
