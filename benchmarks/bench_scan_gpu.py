@@ -24,6 +24,7 @@ shapes. Without a CUDA device (or without triton) the script says so and exits w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -78,6 +79,21 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+@contextlib.contextmanager
+def _scan_constants(**values):
+    """Set launch constants of the scan module (N1_* tiles and launches) for a block, then restore them."""
+    from vmamba_cli.kernels import scan_triton
+
+    saved = {name: getattr(scan_triton, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(scan_triton, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(scan_triton, name, value)
+
+
 def bench_scan(name, batch, groups, per_group, d_state, length, args, backend="triton", launch=None):
     """Forward / backward rows; ``launch`` = dict(block_d=, block_t=, num_warps=) for the triton backend."""
     from vmamba_cli.kernels import scan_triton, selective_scan
@@ -90,42 +106,42 @@ def bench_scan(name, batch, groups, per_group, d_state, length, args, backend="t
     launch = dict(launch or {})
 
     maxnreg = launch.pop("maxnreg", None)
-    saved = scan_triton.N1_INFERENCE_TILES, scan_triton.N1_TRAINING_TILES, scan_triton.N1_BACKWARD_LAUNCH
+    constants = {}
     if launch:
         # Register caps are module defaults, not selective_scan arguments: set them for this launch.
-        scan_triton.N1_INFERENCE_TILES = scan_triton.N1_TRAINING_TILES = (
-            launch["block_t"], launch["block_d"], launch["num_warps"], maxnreg)
-        scan_triton.N1_BACKWARD_LAUNCH = (launch["block_d"], launch["num_warps"], maxnreg)
+        tiles = (launch["block_t"], launch["block_d"], launch["num_warps"], maxnreg)
+        constants = dict(N1_INFERENCE_TILES=tiles, N1_TRAINING_TILES=tiles,
+                         N1_BACKWARD_LAUNCH=(launch["block_d"], launch["num_warps"], maxnreg))
+    with _scan_constants(**constants):
+        def forward():
+            if launch:
+                return scan_triton.selective_scan(*leaves, delta_softplus=True, block_t=launch["block_t"])
+            return selective_scan(*leaves, delta_softplus=True, backend=backend)
 
-    def forward():
-        if launch:
-            return scan_triton.selective_scan(*leaves, delta_softplus=True, block_t=launch["block_t"])
-        return selective_scan(*leaves, delta_softplus=True, backend=backend)
+        with torch.no_grad():
+            fwd_ms = _time_cuda(forward, args.warmup, args.iters)
+        y = forward()
+        dout = torch.randn_like(y)
 
-    with torch.no_grad():
-        fwd_ms = _time_cuda(forward, args.warmup, args.iters)
-    y = forward()
-    dout = torch.randn_like(y)
+        def backward():
+            torch.autograd.grad(y, leaves, dout, retain_graph=True)
 
-    def backward():
-        torch.autograd.grad(y, leaves, dout, retain_graph=True)
-
-    bwd_ms = _time_cuda(backward, args.warmup, args.iters)
-    u, delta, B, C = x["u"], x["delta"], x["B"], x["C"]
-    fwd_bytes = _nbytes(u, delta, B, C, y)
-    # dB and dC are produced in float32; du and ddelta in the input dtype.
-    bwd_bytes = _nbytes(u, delta, B, C, dout, u, delta) + 2 * B.numel() * 4
-    rows = []
-    for phase, ms, nbytes in (("fwd", fwd_ms, fwd_bytes), ("bwd", bwd_ms, bwd_bytes)):
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        label = backend if not launch else f"d{launch['block_d']}/t{launch['block_t']}/w{launch['num_warps']}/r{maxnreg}"
-        rows.append({"case": name, "backend": label, "phase": phase, "ms": round(ms, 4),
-                     "launch": {**launch, "maxnreg": maxnreg} if launch else None,
-                     "min_bytes_MB": round(nbytes / 1e6, 1), "GB/s": round(gbs, 1),
-                     "pct_peak": round(100 * gbs / args.peak_gbs, 1),
-                     "pct_copy": round(100 * gbs / args.copy_gbs, 1)})
-    scan_triton.N1_INFERENCE_TILES, scan_triton.N1_TRAINING_TILES, scan_triton.N1_BACKWARD_LAUNCH = saved
-    return rows
+        bwd_ms = _time_cuda(backward, args.warmup, args.iters)
+        u, delta, B, C = x["u"], x["delta"], x["B"], x["C"]
+        fwd_bytes = _nbytes(u, delta, B, C, y)
+        # dB and dC are produced in float32; du and ddelta in the input dtype.
+        bwd_bytes = _nbytes(u, delta, B, C, dout, u, delta) + 2 * B.numel() * 4
+        rows = []
+        for phase, ms, nbytes in (("fwd", fwd_ms, fwd_bytes), ("bwd", bwd_ms, bwd_bytes)):
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            label = (backend if not launch else
+                     f"d{launch['block_d']}/t{launch['block_t']}/w{launch['num_warps']}/r{maxnreg}")
+            rows.append({"case": name, "backend": label, "phase": phase, "ms": round(ms, 4),
+                         "launch": {**launch, "maxnreg": maxnreg} if launch else None,
+                         "min_bytes_MB": round(nbytes / 1e6, 1), "GB/s": round(gbs, 1),
+                         "pct_peak": round(100 * gbs / args.peak_gbs, 1),
+                         "pct_copy": round(100 * gbs / args.copy_gbs, 1)})
+        return rows
 
 
 # Launch configurations tried by --sweep at the batch-128 stage-0 shape (96 channels per direction).
@@ -207,10 +223,7 @@ def bench_map_variant(phase, launch, args, case=None, sequence_order=False):
         names.append(_MAP_CONSTANTS[phase].replace("N1_MAP_", "N1_"))
         x = st._scan_layout(x).view(batch, 4 * d_inner, length)
         dout = st._scan_layout(dout).view(batch, 4 * d_inner, length)
-    saved = {n: getattr(st, n) for n in names}
-    try:
-        for n in names:
-            setattr(st, n, launch)
+    with _scan_constants(**{n: launch for n in names}):
         cfg = st.choose_scan_config(batch, 4, d_inner, 1, length, x.device, training=phase != "fwd-infer",
                                     map_io=True)
         if phase == "bwd":
@@ -222,9 +235,6 @@ def bench_map_variant(phase, launch, args, case=None, sequence_order=False):
             def fn():
                 st._scan_forward(x, *scan_args, True, torch.float32, cfg, phase == "fwd-train")
         return _time_cuda(fn, args.warmup, args.iters)
-    finally:
-        for n, v in saved.items():
-            setattr(st, n, v)
 
 
 def bench_map_sweep(args, pick=False):
