@@ -12,7 +12,7 @@ Scan shapes (bf16 u / delta / B / C, float32 A / D / delta_bias, softplus, float
 Achieved GB/s uses the minimum traffic of the op (state on chip): forward reads u, delta, B, C and
 writes y; backward reads u, delta, B, C, dy and writes du, ddelta, dB, dC. It is printed against the
 datasheet bandwidth (--peak-gbs, by GPU name) and a device-to-device copy measured in the same run.
-Time = median of CUDA event timings. Models follow spec §7: inference fp32, eval, no_grad, batch
+Time = CUDA events around back-to-back calls (spec §7's method). Models follow spec §7: inference fp32, eval, no_grad, batch
 128; training = forward + backward under autocast (float16) with CrossEntropyLoss, no optimizer step.
 --composed adds vmamba-tiny with the composed SS2D core (cross-scan copies) and with the fused
 core's backward reading the map (training) to the model table; --host-probe adds batch-4 steps.
@@ -34,19 +34,21 @@ import torch
 
 
 def _time_cuda(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() over iters runs, after warmup runs."""
+    """Milliseconds per call of fn(), run iters times back to back after warmup calls.
+
+    As spec §7 times models: synchronize before and after the timed loop only, so the host's work
+    for the next call overlaps the GPU's work on this one, as in a training or inference loop.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
 
 
 def _scan_inputs(batch, groups, per_group, d_state, length, dtype, device):
@@ -208,11 +210,15 @@ def _map_case(batch=128, d_inner=96, height=56, width=56, dtype=torch.bfloat16):
     }
 
 
-def bench_map_variant(phase, launch, args, case=None, sequence_order=False):
+def bench_map_variant(phase, launch, args, case=None, sequence_order=False, switches=None):
     """Milliseconds of one fused-core scan phase with one launch (the module constant set, then
-    restored). sequence_order: the same data laid out by the cross-scan, plain kernels."""
+    restored). sequence_order: the same data laid out by the cross-scan, plain kernels. switches:
+    more scan module constants for the call (e.g. N1_PREFETCH)."""
     from vmamba_cli.kernels import scan_triton as st
 
+    if switches:
+        with _scan_constants(**switches):
+            return bench_map_variant(phase, launch, args, case, sequence_order)
     case = case or _map_case(dtype=torch.float32 if phase == "fwd-infer" else torch.bfloat16)
     x, dout = case["x"], case["dout"]
     batch, d_inner, height, width = x.shape
@@ -266,6 +272,88 @@ def bench_map_sweep(args, pick=False):
                 setattr(st, name, tuple(best["launch"]))
         print("picked: " + ", ".join(f"{n} = {getattr(st, n)}" for n in _MAP_CONSTANTS.values()),
               file=sys.stderr, flush=True)
+    return rows
+
+
+# --prefetch-sweep: (phase, layout, io dtype, launch) at the batch-128 stage-0 shape, each timed
+# with the N = 1 kernels loading one tile ahead (PREFETCH) and without; backward launches also with
+# the dB / dC partials instead of atomics. "sequence" + bf16 are the scan-goal rows, "map" + fp32
+# the fused core in fp32 inference, "map" + bf16 its training forward under AMP.
+_NO_PREFETCH, _PREFETCH = ({"prefetch": False},), ({"prefetch": False}, {"prefetch": True})
+_BWD_SWITCHES = ({"prefetch": False, "partials": False}, {"prefetch": False, "partials": True},
+                 {"prefetch": True, "partials": True})
+_LOOKAHEAD = ({"prefetch": True, "partials": True},)
+PREFETCH_SWEEP = (
+    [("fwd-infer", "sequence", "bf16", v, _PREFETCH) for v in (
+        (128, 8, 2, None), (128, 8, 2, 80), (64, 8, 2, None), (128, 8, 1, None), (128, 4, 1, None),
+        (128, 16, 2, None), (128, 8, 2, 128), (256, 16, 4, None))]
+    + [("fwd-infer", "map", "fp32", v, _PREFETCH) for v in (
+        (64, 8, 2, 80), (64, 8, 2, None), (64, 4, 1, None), (128, 8, 2, None), (32, 8, 2, None))]
+    + [("fwd-train", "sequence", "bf16", v, _PREFETCH) for v in ((32, 16, 2, 96), (32, 8, 2, 64))]
+    + [("fwd-train", "map", "bf16", v, _PREFETCH) for v in ((32, 16, 2, 96), (32, 8, 2, 64))]
+    + [("bwd", "sequence", "bf16", v, _BWD_SWITCHES) for v in (
+        (4, 1, None), (8, 2, 96), (8, 2, 64), (4, 1, 64), (2, 1, None), (4, 2, None), (8, 1, None))]
+    # The backward on 16- and 64-step tiles (the training forward's tile length, which it must share).
+    + [("bwd", "sequence", "bf16", v, tuple({**_LOOKAHEAD[0], "tiles": (t, 16, 2, 96)} for t in (16, 64)))
+       for v in ((4, 1, None), (8, 2, 96))]
+)
+_PREFETCH_SWITCH = {"fwd-infer": "N1_PREFETCH", "fwd-train": "N1_TRAINING_PREFETCH", "bwd": "N1_BACKWARD_PREFETCH"}
+
+
+def _prefetch_variants():
+    """(phase, layout, dtype, launch, switches) of every --prefetch-sweep measurement: switches are
+    scan module constants (the prefetch switch of the phase, the backward's dB / dC partials, the
+    training tiles a backward runs on)."""
+    for phase, layout, dtype, launch, options in PREFETCH_SWEEP:
+        for option in options:
+            switches = {_PREFETCH_SWITCH[phase]: option["prefetch"]}
+            if "partials" in option:
+                switches["N1_BACKWARD_BC_PARTIALS"] = option["partials"]
+            if "tiles" in option:
+                switches["N1_MAP_TRAINING_TILES"] = option["tiles"]
+            yield phase, layout, dtype, launch, switches
+
+
+def bench_prefetch_sweep(args, pick=False):
+    """Time _prefetch_variants(); with pick, set the scan module's N = 1 launch constants and
+    switches to the fastest variant of each phase in the layout the model runs it on (map for the
+    forwards, sequence for the backward)."""
+    from vmamba_cli.kernels import scan_triton as st
+
+    rows, cases = [], {}
+    for phase, layout, dtype, launch, switches in _prefetch_variants():
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        case = cases.setdefault(dtype, _map_case(dtype=torch_dtype))
+        try:
+            ms = bench_map_variant(phase, launch, args, case, layout == "sequence", switches)
+        except Exception as exc:  # a launch that does not compile or run is reported, not fatal
+            print(f"prefetch sweep {phase} {layout} {launch} {switches}: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200]}", file=sys.stderr)
+            continue
+        flags = "".join(f" {k.replace('N1_', '').lower()}={v if isinstance(v, tuple) else int(v)}"
+                        for k, v in switches.items())
+        rows.append({"phase": phase, "layout": layout, "dtype": dtype, "launch": list(launch),
+                     "switches": switches, "ms": round(ms, 4)})
+        print(f"prefetch sweep {phase:<9} {layout:<8} {dtype:<4} {str(launch):<20}{flags:<48} {ms:8.3f} ms",
+              file=sys.stderr, flush=True)
+    if pick:
+        targets = {("fwd-infer", "map"): "N1_MAP_INFERENCE_TILES", ("fwd-infer", "sequence"): "N1_INFERENCE_TILES",
+                   ("fwd-train", "map"): "N1_MAP_TRAINING_TILES", ("fwd-train", "sequence"): "N1_TRAINING_TILES",
+                   ("bwd", "sequence"): "N1_BACKWARD_LAUNCH"}
+        for (phase, layout), name in targets.items():
+            timed = [r for r in rows if r["phase"] == phase and r["layout"] == layout]
+            if not timed:
+                continue
+            best = min(timed, key=lambda r: r["ms"])
+            setattr(st, name, tuple(best["launch"]))
+            if layout == ("sequence" if phase == "bwd" else "map"):
+                for switch, value in best["switches"].items():
+                    if switch == "N1_MAP_TRAINING_TILES":   # a backward's tile length: both training tiles
+                        st.N1_TRAINING_TILES = (value[0],) + tuple(st.N1_TRAINING_TILES[1:])
+                        value = (value[0],) + tuple(st.N1_MAP_TRAINING_TILES[1:])
+                    setattr(st, switch, value)
+        names = list(dict.fromkeys(targets.values())) + list(_PREFETCH_SWITCH.values()) + ["N1_BACKWARD_BC_PARTIALS"]
+        print("picked: " + ", ".join(f"{n} = {getattr(st, n)}" for n in names), file=sys.stderr, flush=True)
     return rows
 
 
@@ -343,6 +431,8 @@ def _warm_jobs_list(args):
         jobs += [("sweep", i) for i in range(len(SWEEP))]
     if args.map_sweep:
         jobs += [("map", i) for i in range(len(MAP_SWEEP))]
+    if args.prefetch_sweep:
+        jobs += [("prefetch", i) for i in range(len(list(_prefetch_variants())))]
     if not args.skip_models or args.profile:
         jobs += [("model", 0)]
     return jobs
@@ -355,6 +445,10 @@ def _warm_one(index, args):
         bench_scan(*_CASES[i], args)
     elif kind == "sweep":
         bench_scan(*_CASES[0], args, launch=SWEEP[i])
+    elif kind == "prefetch":
+        phase, layout, dtype, launch, switches = list(_prefetch_variants())[i]
+        case = _map_case(dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+        bench_map_variant(phase, launch, args, case, layout == "sequence", switches)
     elif kind == "map":
         phase, launch = MAP_SWEEP[i]
         if launch == next(v for p, v in MAP_SWEEP if p == phase):
@@ -382,6 +476,7 @@ def warm_caches(args):
     base += ["--sweep"] if args.sweep else []
     base += ["--composed"] if args.composed else []
     base += ["--map-sweep"] if args.map_sweep else []
+    base += ["--prefetch-sweep"] if args.prefetch_sweep else []
     base += ["--skip-models"] if args.skip_models and not args.profile else []
     running, failed = [], 0
     for index in range(len(jobs)):
@@ -394,40 +489,87 @@ def warm_caches(args):
 
 
 def profile_models(args, out_dir):
-    """Top CUDA kernels of one vmamba-tiny inference batch and one AMP training step."""
+    """Top CUDA kernels of one vmamba-tiny inference batch and one AMP training step, and the total
+    kernel time of both steps for vmamba-tiny and swin_t (what a step costs when the host keeps up)."""
+    import torchvision
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from vmamba_cli.model import create_model
 
-    model = create_model("vmamba-tiny").cuda()
     images = torch.randn(args.batch, 3, 224, 224, device="cuda")
     target = torch.randint(0, 1000, (args.batch,), device="cuda")
+    tables = {}
+    for model_name, build in (("vmamba-tiny", lambda: create_model("vmamba-tiny")),
+                              ("swin_t", lambda: torchvision.models.swin_t())):
+        model = build().cuda()
 
-    def infer():
-        model.eval()
-        with torch.no_grad():
-            model(images)
+        def infer():
+            model.eval()
+            with torch.no_grad():
+                model(images)
 
-    def train():
-        model.train()
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = torch.nn.functional.cross_entropy(model(images), target)
+        def train():
+            model.train()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(model(images), target)
+            loss.backward()
+
+        for name, step in (("inference_fp32", infer), ("train_amp", train)):
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            kernel_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx",
+                                                                  "cuLaunchKernel"))
+            print(f"kernel time {model_name:<12} {name:<15} {kernel_ms:8.1f} ms per batch of {args.batch}, "
+                  f"{launches} launches", file=sys.stderr, flush=True)
+            if model_name != "vmamba-tiny":
+                continue
+            table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60)
+            tables[name] = table
+            if out_dir:
+                with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
+                    f.write(table)
+        del model
+        torch.cuda.empty_cache()
+    return tables
+
+
+def _graphed_throughput(model, batch, size, args, train: bool):
+    """img/s of the same steps as _throughput, captured once as a CUDA graph and replayed: the
+    GPU's time per step without the host's (Python, autograd, launches). Autocast's weight cache
+    is off, as graph capture requires."""
+    device = torch.device("cuda")
+    images = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randint(0, 1000, (batch,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train(train)
+
+    def step():
+        if not train:
+            with torch.no_grad():
+                model(images)
+            return
+        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+            loss = loss_fn(model(images), target)
         loss.backward()
 
-    tables = {}
-    for name, step in (("inference_fp32", infer), ("train_amp", train)):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60)
-        tables[name] = table
-        if out_dir:
-            with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
-                f.write(table)
-    return tables
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ms = _time_cuda(graph.replay, 3, args.model_iters)
+    return batch / (ms * 1e-3)
 
 
 def _throughput(model, batch, size, args, train: bool):
@@ -511,6 +653,28 @@ def bench_models(args):
             if name != "swin_t":
                 rows.append({"mode": mode, "model": f"{name} / swin_t", "ratio":
                              round(medians[name] / medians["swin_t"], 3)})
+        if args.graphs:
+            # Both models replayed from CUDA graphs: GPU time per step only, no host time.
+            graphed = {}
+            for name, build, switches, _ in runs:
+                if switches:
+                    continue
+                _set_core(switches)
+                model = build().cuda()
+                try:
+                    graphed[name] = _graphed_throughput(model, args.batch, 224, args, train)
+                except Exception as exc:  # a model that cannot be captured is reported, not fatal
+                    print(f"graphs {mode} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                          file=sys.stderr)
+                    continue
+                finally:
+                    del model
+                    torch.cuda.empty_cache()
+                rows.append({"mode": f"{mode} CUDA graph", "model": name, "batch": args.batch,
+                             "img/s": round(graphed[name], 1), "peak_MiB": 0})
+            if "swin_t" in graphed and "vmamba-tiny" in graphed:
+                rows.append({"mode": f"{mode} CUDA graph", "model": "vmamba-tiny / swin_t",
+                             "ratio": round(graphed["vmamba-tiny"] / graphed["swin_t"], 3)})
     return rows
 
 
@@ -535,8 +699,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cross-sweep", action="store_true", help="time cross-scan / merge launch variants")
     parser.add_argument("--map-sweep", action="store_true",
                         help="time launch variants of the fused SS2D core's scan (with --pick: use the fastest)")
+    parser.add_argument("--prefetch-sweep", action="store_true",
+                        help="time the N = 1 kernels with and without loading a tile ahead (with --pick: "
+                             "use the fastest launch and switches of each phase)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the models this many times, alternating their order; report the median")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time both models' steps replayed from CUDA graphs (GPU time, no host time)")
     parser.add_argument("--host-probe", action="store_true",
                         help="also time training steps at batch 4 (mostly host time: Python, autograd, launches)")
     parser.add_argument("--composed", action="store_true",
@@ -601,6 +770,10 @@ def main(argv=None) -> int:
     if args.sweep and args.pick:
         _pick_launches(scan_rows)
     map_rows = bench_map_sweep(args, pick=args.pick) if args.map_sweep else []
+    prefetch_rows = bench_prefetch_sweep(args, pick=args.pick) if args.prefetch_sweep else []
+    if args.prefetch_sweep and args.pick:
+        for case in _CASES:   # the scan-goal rows again, with the picked launches
+            scan_rows += measured(bench_scan(case[0] + " picked", *case[1:], args))
     cross_rows = bench_cross(args) if args.cross_sweep else []
     model_rows = [] if args.skip_models else bench_models(args)
     for r in model_rows:
@@ -612,7 +785,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     report = {"device": device_name, "peak_gbs": args.peak_gbs, "copy_gbs": round(args.copy_gbs, 1),
               "torch": torch.__version__, "triton": triton.__version__, "scan": scan_rows, "map_sweep": map_rows,
-              "cross": cross_rows,
+              "prefetch_sweep": prefetch_rows, "cross": cross_rows,
               "models": model_rows}
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -154,15 +154,22 @@ if triton is not None:
         return pre
 
     @triton.jit
+    def _steps(u_raw, delta_raw, bias, mask, SOFTPLUS: tl.constexpr):
+        """u, pre-activation and dt in float32 from the tiles of u and delta as loaded."""
+        u = u_raw.to(tl.float32)
+        pre = delta_raw.to(tl.float32) + bias[:, None]
+        # Steps past the end get dt = 0: decay 1 and drive 0, so the state passes through unchanged.
+        dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
+        return u, pre, dt
+
+    @triton.jit
     def _load_steps(u_ptr, delta_ptr, bias, u_offs, row, t, mask_d, stop, SOFTPLUS: tl.constexpr):
         """u, pre-activation and dt [BLOCK_D, BLOCK_T] of steps t, the masks, and the sequence offsets."""
         mask_t = t < stop
         mask = mask_d[:, None] & mask_t[None, :]
         offs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + u_offs, mask=mask, other=0.0).to(tl.float32)
-        pre = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-        # Steps past the end get dt = 0: decay 1 and drive 0, so the state passes through unchanged.
-        dt = tl.where(mask, _step_size(pre, SOFTPLUS), 0.0)
+        u, pre, dt = _steps(tl.load(u_ptr + u_offs, mask=mask, other=0.0),
+                            tl.load(delta_ptr + offs, mask=mask, other=0.0), bias, mask, SOFTPLUS)
         return u, pre, dt, mask_t, mask, offs
 
     @triton.jit
@@ -446,13 +453,33 @@ if triton is not None:
         return n_channels, A, bias, skip, pair, pair * length, bc_row
 
     @triton.jit
-    def _load_tile_n1(u_ptr, delta_ptr, B_ptr, C_ptr, bias, u_offs, row, bc_row, t, mask_d, stop,
-                      SOFTPLUS: tl.constexpr):
-        """u, pre-activation, dt, B, C of steps t for d_state = 1; dt = 0 past the end."""
-        u, pre, dt, mask_t, mask, offs = _load_steps(u_ptr, delta_ptr, bias, u_offs, row, t, mask_d, stop, SOFTPLUS)
-        Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0).to(tl.float32)
-        return u, pre, dt, Bt, Ct, mask_t, mask, offs
+    def _tile_io(t, lower, stop, row, mask_d, batch, group, offs_d, map_h, map_w, s_b, s_c, s_h, s_w,
+                 MAP_IO: tl.constexpr):
+        """Masks (steps lower <= t < stop), sequence offsets and u's offsets of the tile at steps t."""
+        mask_t = (t >= lower) & (t < stop)
+        mask = mask_d[:, None] & mask_t[None, :]
+        offs = row[:, None] + t[None, :]
+        u_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, s_b, s_c, s_h, s_w, MAP_IO)
+        return mask_t, mask, offs, u_offs
+
+    @triton.jit
+    def _load_raw_n1(u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask):
+        """u, delta, B and C of one d_state = 1 tile as stored: loaded a tile ahead (PREFETCH), they
+        stay narrow in registers while the tile before them is computed."""
+        u = tl.load(u_ptr + u_offs, mask=mask, other=0.0)
+        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0)
+        Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0)
+        Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0)
+        return u, delta, Bt, Ct
+
+    @triton.jit
+    def _load_raw_bwd_n1(u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, u_offs, g_offs, offs, bc_row, t, mask_t, mask,
+                         mask_next):
+        """_load_raw_n1 plus what only the backward reads: dy, and delta one step along (mask_next)."""
+        u, delta, Bt, Ct = _load_raw_n1(u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask)
+        g = tl.load(dy_ptr + g_offs, mask=mask, other=0.0)
+        delta_next = tl.load(delta_ptr + offs + 1, mask=mask_next, other=0.0)
+        return u, delta, Bt, Ct, g, delta_next
 
     @triton.jit
     def _scan_fwd_n1_kernel(
@@ -461,8 +488,13 @@ if triton is not None:
         map_h, map_w, su_b, su_c, su_h, su_w,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
         STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
-        """_scan_fwd_kernel for d_state = 1; MAP_IO reads u from the (B, D, H, W) map (_io_offsets)."""
+        """_scan_fwd_kernel for d_state = 1; MAP_IO reads u from the (B, D, H, W) map (_io_offsets).
+
+        PREFETCH issues the loads of the next tile before computing the current one, so that their
+        latency overlaps the tile's scan instead of following it.
+        """
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         offs_t = tl.arange(0, BLOCK_T)
@@ -476,17 +508,32 @@ if triton is not None:
         start = chunk * chunk_len
         stop = tl.minimum(start + chunk_len, length)
         offs_d = channels - group * channels_per_group
+        io = (row, mask_d, batch, group, offs_d, map_h, map_w, su_b, su_c, su_h, su_w)
+        if PREFETCH:
+            t = start + offs_t
+            mask_t, mask, offs, u_offs = _tile_io(t, start, stop, *io, MAP_IO)
+            u_ahead, delta_ahead, B_ahead, C_ahead = _load_raw_n1(
+                u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask)
         for t0 in range(start, stop, BLOCK_T):
             if STORE_STATES:
                 tl.store(tile_state_ptr + pair * n_tiles_total + t0 // BLOCK_T, h, mask=mask_d)
             t = t0 + offs_t
-            u_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, su_b, su_c, su_h, su_w, MAP_IO)
-            u, pre, dt, Bt, Ct, mask_t, mask, offs = _load_tile_n1(
-                u_ptr, delta_ptr, B_ptr, C_ptr, bias, u_offs, row, bc_row, t, mask_d, stop, SOFTPLUS)
+            mask_t, mask, offs, u_offs = _tile_io(t, start, stop, *io, MAP_IO)
+            if PREFETCH:
+                u_raw, delta_raw, B_raw, C_raw = u_ahead, delta_ahead, B_ahead, C_ahead
+                t_ahead = t + BLOCK_T
+                mask_t_ahead, mask_ahead, offs_ahead, u_offs_ahead = _tile_io(t_ahead, start, stop, *io, MAP_IO)
+                u_ahead, delta_ahead, B_ahead, C_ahead = _load_raw_n1(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, u_offs_ahead, offs_ahead, bc_row, t_ahead, mask_t_ahead,
+                    mask_ahead)
+            else:
+                u_raw, delta_raw, B_raw, C_raw = _load_raw_n1(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask)
+            u, pre, dt = _steps(u_raw, delta_raw, bias, mask, SOFTPLUS)
             decay = tl.exp(dt * A[:, None])
-            decay_prefix, local = tl.associative_scan((decay, dt * u * Bt[None, :]), 1, _compose)
+            decay_prefix, local = tl.associative_scan((decay, dt * u * B_raw.to(tl.float32)[None, :]), 1, _compose)
             states = local + decay_prefix * h[:, None]
-            tl.store(y_ptr + offs, states * Ct[None, :] + skip[:, None] * u, mask=mask)
+            tl.store(y_ptr + offs, states * C_raw.to(tl.float32)[None, :] + skip[:, None] * u, mask=mask)
             h = tl.sum(tl.where((offs_t == BLOCK_T - 1)[None, :], states, 0.0), axis=1)
 
     @triton.jit
@@ -494,12 +541,14 @@ if triton is not None:
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, dy_ptr, dh_in_ptr,
         tile_state_ptr, du_ptr, ddelta_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
         length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group,
-        map_h, map_w, su_b, su_c, su_h, su_w, sg_b, sg_c, sg_h, sg_w,
+        map_h, map_w, su_b, su_c, su_h, su_w, sg_b, sg_c, sg_h, sg_w, bc_block_stride,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr, PREFETCH: tl.constexpr,
+        BC_PARTIALS: tl.constexpr,
     ):
         """_scan_bwd_kernel for d_state = 1; MAP_IO reads u from the (B, D, H, W) map and dy from the
-        merged gradient map (_io_offsets). du and ddelta are written in sequence order either way."""
+        merged gradient map (_io_offsets). du and ddelta are written in sequence order either way.
+        PREFETCH loads the tile to the left (the next one walked) before computing the current one."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         offs_t = tl.arange(0, BLOCK_T)
@@ -518,16 +567,39 @@ if triton is not None:
         dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         offs_d = channels - group * channels_per_group
+        io = (row, mask_d, batch, group, offs_d, map_h, map_w, su_b, su_c, su_h, su_w)
+        if PREFETCH:
+            t = start + (n_tiles - 1) * BLOCK_T + offs_t
+            mask_t, mask, offs, u_offs = _tile_io(t, start, stop, *io, MAP_IO)
+            g_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, sg_b, sg_c, sg_h, sg_w, MAP_IO)
+            mask_next = mask_d[:, None] & (t + 1 < stop)[None, :]
+            u_ahead, delta_ahead, B_ahead, C_ahead, g_ahead, delta_next_ahead = _load_raw_bwd_n1(
+                u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, u_offs, g_offs, offs, bc_row, t, mask_t, mask, mask_next)
         for i in range(0, n_tiles):
             tile = n_tiles - 1 - i
             t = start + tile * BLOCK_T + offs_t
-            u_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, su_b, su_c, su_h, su_w, MAP_IO)
-            u, pre, dt, Bt, Ct, mask_t, mask, offs = _load_tile_n1(
-                u_ptr, delta_ptr, B_ptr, C_ptr, bias, u_offs, row, bc_row, t, mask_d, stop, SOFTPLUS)
-            g_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, sg_b, sg_c, sg_h, sg_w, MAP_IO)
-            g = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+            mask_t, mask, offs, u_offs = _tile_io(t, start, stop, *io, MAP_IO)
             mask_next = mask_d[:, None] & (t + 1 < stop)[None, :]
-            pre_next = tl.load(delta_ptr + offs + 1, mask=mask_next, other=0.0).to(tl.float32) + bias[:, None]
+            if PREFETCH:
+                u_raw, delta_raw, B_raw, C_raw, g_raw, delta_next_raw = (
+                    u_ahead, delta_ahead, B_ahead, C_ahead, g_ahead, delta_next_ahead)
+                t_ahead = t - BLOCK_T
+                mask_t_ahead, mask_ahead, offs_ahead, u_offs_ahead = _tile_io(t_ahead, start, stop, *io, MAP_IO)
+                g_offs_ahead = _io_offsets(row, t_ahead, batch, group, offs_d, map_h, map_w, sg_b, sg_c, sg_h, sg_w,
+                                           MAP_IO)
+                # The tile to the left ends where this one starts, so its step-along delta is in the chunk.
+                u_ahead, delta_ahead, B_ahead, C_ahead, g_ahead, delta_next_ahead = _load_raw_bwd_n1(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, u_offs_ahead, g_offs_ahead, offs_ahead, bc_row, t_ahead,
+                    mask_t_ahead, mask_ahead, mask_ahead)
+            else:
+                g_offs = _io_offsets(row, t, batch, group, offs_d, map_h, map_w, sg_b, sg_c, sg_h, sg_w, MAP_IO)
+                u_raw, delta_raw, B_raw, C_raw, g_raw, delta_next_raw = _load_raw_bwd_n1(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, u_offs, g_offs, offs, bc_row, t, mask_t, mask, mask_next)
+            u, pre, dt = _steps(u_raw, delta_raw, bias, mask, SOFTPLUS)
+            Bt = B_raw.to(tl.float32)
+            Ct = C_raw.to(tl.float32)
+            g = g_raw.to(tl.float32)
+            pre_next = delta_next_raw.to(tl.float32) + bias[:, None]
             next_decay = tl.exp(tl.where(mask_next, _step_size(pre_next, SOFTPLUS), 0.0) * A[:, None])
             decay = tl.exp(dt * A[:, None])
             drive = dt * u * Bt[None, :]
@@ -538,9 +610,16 @@ if triton is not None:
             dh = dh_local + decay_suffix * dh_right[:, None]
             dh_right = tl.sum(tl.where((offs_t == 0)[None, :], dh, 0.0), axis=1)
 
-            # Sums over the block's channels; other blocks of the same group add to the same entries.
-            tl.atomic_add(dC_ptr + bc_row + t, tl.sum(g * states, axis=0), mask=mask_t)
-            tl.atomic_add(dB_ptr + bc_row + t, tl.sum(dh * dt * u, axis=0), mask=mask_t)
+            # Sums over the block's channels. Other blocks of the same group add to the same entries,
+            # or (BC_PARTIALS) write their own slice of a (blocks, B, K, 1, L) buffer summed later:
+            # no atomics, so dB and dC come out the same on every run.
+            if BC_PARTIALS:
+                bc_slot = (tl.program_id(0) % n_blocks).to(tl.int64) * bc_block_stride + bc_row + t
+                tl.store(dC_ptr + bc_slot, tl.sum(g * states, axis=0), mask=mask_t)
+                tl.store(dB_ptr + bc_slot, tl.sum(dh * dt * u, axis=0), mask=mask_t)
+            else:
+                tl.atomic_add(dC_ptr + bc_row + t, tl.sum(g * states, axis=0), mask=mask_t)
+                tl.atomic_add(dB_ptr + bc_row + t, tl.sum(dh * dt * u, axis=0), mask=mask_t)
             through_decay = dh * (states - drive)
             dA_acc += tl.sum(through_decay * dt, axis=1)
             dh_B = dh * Bt[None, :]
@@ -584,13 +663,24 @@ def _sm_count(device: torch.device) -> int:
 # (BLOCK_T, BLOCK_D, num_warps, maxnreg) without and with a backward to follow, and the backward's
 # (BLOCK_D, num_warps, maxnreg) on the training tiles. maxnreg caps registers per thread (None: the
 # compiler's choice), trading spills for more resident programs.
-N1_INFERENCE_TILES = (128, 8, 2, 80)
-N1_TRAINING_TILES = (32, 16, 2, 96)
-N1_BACKWARD_LAUNCH = (8, 2, 64)
+N1_INFERENCE_TILES = (128, 8, 2, None)
+N1_TRAINING_TILES = (64, 8, 2, 64)
+N1_BACKWARD_LAUNCH = (4, 1, None)
 # The same for the fused SS2D core, whose kernels read u (and dy) from the map (MAP_IO).
 N1_MAP_INFERENCE_TILES = (64, 8, 2, 80)
-N1_MAP_TRAINING_TILES = (32, 16, 2, 96)
+N1_MAP_TRAINING_TILES = (64, 16, 2, 96)
 N1_MAP_BACKWARD_LAUNCH = (8, 2, 96)
+# Whether the N = 1 kernels load each tile one iteration ahead (PREFETCH): the forward without and
+# with a backward to follow, and the backward (`bench_scan_gpu.py --prefetch-sweep --pick`: the
+# inference forward 0.39 instead of 0.44 ms, the fused core's 0.50 instead of 0.61; no gain for the
+# training forward).
+N1_PREFETCH = True
+N1_TRAINING_PREFETCH = False
+N1_BACKWARD_PREFETCH = True
+# Whether the N = 1 backward writes per-channel-block dB / dC partials, summed afterwards, instead of
+# adding them atomically: faster in every swept launch (stage 0: 1.42 vs 1.73 ms at d4/w1) and the
+# same bits on every run.
+N1_BACKWARD_BC_PARTIALS = True
 
 
 class ScanLaunch(NamedTuple):
@@ -607,6 +697,9 @@ class ScanLaunch(NamedTuple):
     bwd_block_d: int | None = None
     bwd_num_warps: int | None = None
     bwd_maxnreg: int | None = None
+    prefetch: bool = False
+    bwd_prefetch: bool = False
+    bwd_bc_partials: bool = False
 
 
 def _default_tiles(block_n: int, training: bool, map_io: bool = False) -> tuple[int, int, int, int | None]:
@@ -673,8 +766,10 @@ def choose_scan_config(batch, groups, channels_per_group, d_state, length, devic
         chunk_size = length if n_chunks == 1 else max(block_t, length // n_chunks // block_t * block_t)
     chunk_len = max(block_t, -(-chunk_size // block_t) * block_t)
     n_chunks = -(-length // chunk_len)
+    n1 = block_n == 1
     return ScanLaunch(block_d, block_n, block_t, chunk_len, n_chunks, n_blocks, num_warps, maxnreg,
-                      bwd_d, bwd_warps, bwd_maxnreg)
+                      bwd_d, bwd_warps, bwd_maxnreg, n1 and (N1_TRAINING_PREFETCH if training else N1_PREFETCH), n1 and N1_BACKWARD_PREFETCH,
+                      n1 and N1_BACKWARD_BC_PARTIALS)
 
 
 def _register_cap(maxnreg):
@@ -729,7 +824,8 @@ def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype
                  SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=block_d, BLOCK_T=block_t,
                  num_warps=num_warps)
     if d_state == 1:
-        _scan_fwd_n1_kernel[grid](*args, *map_args, **flags, MAP_IO=map_io, **_register_cap(cfg.maxnreg))
+        _scan_fwd_n1_kernel[grid](*args, *map_args, **flags, MAP_IO=map_io, PREFETCH=cfg.prefetch,
+                                  **_register_cap(cfg.maxnreg))
     else:
         _scan_fwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
     return y, tile_state
@@ -778,8 +874,13 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, tile_state, dy, delta_softp
     n_tiles_total = -(-length // block_t)
     du = torch.empty(batch, channels, length, dtype=u.dtype, device=u.device)
     ddelta = torch.empty_like(delta)
-    dB = torch.zeros(B.shape, **f32)
-    dC = torch.zeros(C.shape, **f32)
+    bc_partials = d_state == 1 and cfg.bwd_bc_partials and n_blocks > 1
+    if bc_partials:
+        dB = torch.empty((n_blocks,) + B.shape, **f32)
+        dC = torch.empty((n_blocks,) + C.shape, **f32)
+    else:
+        dB = torch.zeros(B.shape, **f32)
+        dC = torch.zeros(C.shape, **f32)
     dA_part = torch.empty(batch * n_chunks, channels, d_state, **f32)
     dD_part = torch.empty(batch * n_chunks, channels, **f32)
     dbias_part = torch.empty(batch * n_chunks, channels, **f32)
@@ -790,9 +891,12 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, tile_state, dy, delta_softp
     flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=n_chunks > 1,
                  SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=num_warps)
     if d_state == 1:
-        _scan_bwd_n1_kernel[grid](*args, *map_args, **flags, MAP_IO=map_io, **_register_cap(cfg.bwd_maxnreg))
+        _scan_bwd_n1_kernel[grid](*args, *map_args, B.numel(), **flags, MAP_IO=map_io, PREFETCH=cfg.bwd_prefetch,
+                                  BC_PARTIALS=bc_partials, **_register_cap(cfg.bwd_maxnreg))
     else:
         _scan_bwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
+    if bc_partials:
+        dB, dC = dB.sum(0), dC.sum(0)
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if D is not None else None
     dbias = dbias_part.sum(0) if delta_bias is not None else None
@@ -1145,12 +1249,15 @@ def kernel_variants(d_states=(1, 16)):
                  num_warps),
             ]
             if d_state == 1:
-                blocks_2d = dict(BLOCK_D=block_d, BLOCK_T=block_t, MAP_IO=map_io)
-                variants += [
-                    (f"scan_fwd[N=1{tag}]", _scan_fwd_n1_kernel, dict(**full, STORE_STATES=True, **blocks_2d),
-                     num_warps),
-                    (f"scan_bwd[N=1{tag}]", _scan_bwd_n1_kernel, dict(**full, **blocks_2d), num_warps),
-                ]
+                for prefetch in (False, True):
+                    blocks_2d = dict(BLOCK_D=block_d, BLOCK_T=block_t, MAP_IO=map_io, PREFETCH=prefetch)
+                    label = tag + (",prefetch" if prefetch else "")
+                    variants += [
+                        (f"scan_fwd[N=1{label}]", _scan_fwd_n1_kernel, dict(**full, STORE_STATES=True, **blocks_2d),
+                         num_warps),
+                        (f"scan_bwd[N=1{label}]", _scan_bwd_n1_kernel,
+                         dict(**full, **blocks_2d, BC_PARTIALS=prefetch), num_warps),
+                    ]
         if d_state != 1:
             variants += [
                 (f"scan_fwd[N={d_state}]", _scan_fwd_kernel, dict(**full, STORE_STATES=True, **blocks), num_warps),

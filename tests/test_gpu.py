@@ -92,6 +92,32 @@ def test_triton_scan_matches_float64_reference(batch, groups, per_group, d_state
         assert err < (tol if dtype == torch.float32 else 5e-2), f"d{name}: {err:.2e}"
 
 
+_LOOKAHEAD_SWITCHES = ("N1_PREFETCH", "N1_TRAINING_PREFETCH", "N1_BACKWARD_PREFETCH", "N1_BACKWARD_BC_PARTIALS")
+
+
+@pytest.mark.parametrize("batch,groups,per_group,d_state,length,chunk", [c for c in CASES if c[3] == 1])
+@pytest.mark.parametrize("switches_on", [False, True])
+def test_triton_scan_lookahead_switches(monkeypatch, batch, groups, per_group, d_state, length, chunk, switches_on):
+    """The N = 1 kernels with every tile loaded one iteration ahead and dB / dC written as
+    per-block partials (and with none of it), training and inference launches, float32."""
+    for switch in _LOOKAHEAD_SWITCHES:
+        monkeypatch.setattr(scan_triton, switch, switches_on)
+    x = _inputs(batch, groups, per_group, d_state, length, torch.float32, seed=length + 7)
+    dout = torch.randn(batch, groups * per_group, length, device="cuda", dtype=torch.float64)
+    y, grads = _scan_and_grads(scan_triton.selective_scan, x, dout, chunk_size=chunk)
+    with torch.no_grad():
+        y_inference = scan_triton.selective_scan(*(x[k] for k in SCAN_INPUTS), delta_softplus=True,
+                                                 chunk_size=chunk)
+    if length > 4096:
+        ref_fn = kernels.selective_scan
+        y_ref, grads_ref = _scan_and_grads(lambda *a, **k: ref_fn(*a, backend="torch", **k), x, dout, upcast=True)
+    else:
+        y_ref, grads_ref = _scan_and_grads(selective_scan_reference, x, dout, upcast=True)
+    assert _rel(y, y_ref) < 1e-5 and _rel(y_inference, y_ref) < 1e-5
+    for name in SCAN_INPUTS:
+        assert _rel(grads[name], grads_ref[name]) < 1e-5, name
+
+
 @pytest.mark.parametrize("height,width", [(56, 56), (7, 9), (33, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_cross_scan_and_merge(height, width, dtype):
@@ -124,12 +150,18 @@ def test_triton_cross_scan_many_planes():
     (1, 96, 256, 256),    # stage 0 at 1024: L = 65,536, the heuristic's many chunks
     (3, 40, 13, 21),      # H != W, masked channel lanes
 ])
-@pytest.mark.parametrize("channels_last,reads_map", [(True, True), (False, True), (True, False)])
-def test_fused_core_matches_composed_ops(monkeypatch, batch, d_inner, height, width, channels_last, reads_map):
+@pytest.mark.parametrize("channels_last,reads_map,lookahead", [
+    (True, True, False), (False, True, False), (True, False, False), (True, True, True), (True, False, True)])
+def test_fused_core_matches_composed_ops(monkeypatch, batch, d_inner, height, width, channels_last, reads_map,
+                                         lookahead):
     """The d_state = 1 SS2D core reading x and the merged gradient along each route (float32)
     against the composed torch-backend ops (cross-scan copies, float64 projections, the blocked
-    scan with its float32 state). A wrong route index gives errors of order 1."""
+    scan with its float32 state). A wrong route index gives errors of order 1. lookahead: the
+    kernels' prefetch and dB / dC partials switches on."""
     from vmamba_cli.kernels import compose_cross_selective_scan
+
+    for switch in _LOOKAHEAD_SWITCHES:
+        monkeypatch.setattr(scan_triton, switch, lookahead)
 
     gen = torch.Generator(device="cuda").manual_seed(batch * height + width)
 

@@ -95,15 +95,26 @@ def test_scan_matches_official_fixture(fixtures_dir, prefix):
         assert err <= 1e-5, f"{prefix}d{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("d_state", [1, 8, 16])
-def test_scan_multi_chunk_matches_reference(d_state):
+@pytest.mark.parametrize("d_state,prefetch", [(1, False), (1, True), (8, False), (16, False)])
+def test_scan_multi_chunk_matches_reference(monkeypatch, d_state, prefetch):
     # L = 37 is a multiple of no block size; 6 channels per group leave masked lanes in BLOCK_D = 8;
     # chunk_size = 16 with 8-step tiles gives three chunks of two tiles, so both carry passes
-    # (forward h, backward dh) and the tile-to-tile hand-over inside a chunk run.
-    cfg = scan_triton.choose_scan_config(1, 2, 6, d_state, 37, chunk_size=16, block_t=8)
+    # (forward h, backward dh) and the tile-to-tile hand-over inside a chunk run. prefetch: the
+    # N = 1 kernels load each tile one iteration ahead (never past their chunk's ends), and the
+    # backward writes dB / dC partials of two 4-channel blocks instead of adding them atomically.
+    for switch in ("N1_PREFETCH", "N1_TRAINING_PREFETCH", "N1_BACKWARD_PREFETCH", "N1_BACKWARD_BC_PARTIALS"):
+        monkeypatch.setattr(scan_triton, switch, prefetch)
+    launch = dict(chunk_size=16, block_t=8, block_d=4 if prefetch else None)
+    cfg = scan_triton.choose_scan_config(1, 2, 6, d_state, 37, training=True, **launch)
     assert cfg[2:5] == (8, 16, 3)
+    assert (cfg.prefetch, cfg.bwd_prefetch, cfg.bwd_bc_partials) == (prefetch, prefetch, prefetch)
     inputs = _make_scan_inputs(batch=1, groups=2, per_group=6, d_state=d_state, length=37, seed=d_state)
-    _assert_close_to_reference(inputs, tol=1e-5, chunk_size=16, block_t=8)
+    _assert_close_to_reference(inputs, tol=1e-5, **launch)
+    # No backward to follow: the inference launch (its own tiles and prefetch switch).
+    args = [inputs[k] for k in SCAN_INPUTS]
+    with torch.no_grad():
+        y = scan_triton.selective_scan(*args, delta_softplus=True, **launch)
+    assert _relative_error(y, selective_scan_reference(*args, delta_softplus=True)) <= 1e-5
 
 
 def test_scan_chunked_equals_single_chunk():
@@ -289,6 +300,8 @@ def test_every_kernel_compiles_for_gpu(aot_results, cap, io, d_states):
             expected.add(f"chunk_carry[N={n},reverse={reverse}]/fp32")
     if 1 in d_states:
         expected |= {f"{name}[N=1,map]/{io}" for name in ("chunk_state", "scan_fwd", "bwd_chunk", "scan_bwd")}
+        # The N = 1 scans loading tiles ahead (the backward with dB / dC partials), both layouts.
+        expected |= {f"{name}[N=1{tag},prefetch]/{io}" for name in ("scan_fwd", "scan_bwd") for tag in ("", ",map")}
     for merge in (False, True):
         expected.add(f"cross[merge={merge}]/{io}")
         expected.add(f"route[to_map={merge}]/{io}")
@@ -356,10 +369,16 @@ def _core_outputs(core, x, params, g):
     (7, 5, True, dict(chunk_size=16, block_t=8, block_d=4), True),
     # The backward that builds sequence-ordered copies instead (BACKWARD_READS_MAP = False).
     (7, 5, True, dict(chunk_size=16, block_t=8, block_d=4), False),
+    # Both kernels loading the next tile ahead along the routes.
+    (5, 7, True, dict(chunk_size=16, block_t=8, block_d=4, prefetch=True), True),
 ])
 def test_fused_core_reads_the_map_along_each_route(monkeypatch, height, width, channels_last, launch, reads_map):
     """The d_state = 1 core builds no cross-scan copies (in the backward only when asked to); output
     and all six gradients equal the composed torch ops (which do build them)."""
+    launch = dict(launch)
+    prefetch = launch.pop("prefetch", False)
+    for switch in ("N1_PREFETCH", "N1_TRAINING_PREFETCH", "N1_BACKWARD_PREFETCH", "N1_BACKWARD_BC_PARTIALS"):
+        monkeypatch.setattr(scan_triton, switch, prefetch)
     from vmamba_cli.kernels import compose_cross_selective_scan
 
     batch, d_inner, rank = 2, 6, 2
@@ -375,11 +394,14 @@ def test_fused_core_reads_the_map_along_each_route(monkeypatch, height, width, c
     if reads_map:
         monkeypatch.setattr(scan_triton, "_scan_layout", lambda *a, **k: pytest.fail("cross-scan copies built"))
     out_f, grads_f = _core_outputs(lambda *a: scan_triton.cross_selective_scan(*a, **launch), x, params, g)
+    with torch.no_grad():   # inference launch: no tile states kept
+        out_inference = scan_triton.cross_selective_scan(x, *params.values(), **launch)
     monkeypatch.undo()
     out_ref, grads_ref = _core_outputs(
         lambda *a: compose_cross_selective_scan(*a, backend="torch"), x, params, g)
     assert out_f.shape == out_ref.shape
     assert _relative_error(out_f, out_ref) <= 1e-5
+    assert _relative_error(out_inference, out_ref) <= 1e-5
     for name, grad in grads_ref.items():
         assert grads_f[name].shape == grad.shape, name
         assert _relative_error(grads_f[name], grad) <= 1e-5, name
@@ -461,3 +483,4 @@ def test_layer_norm_rows_low_precision_input():
     y = layer_norm_rows(x, weight, bias)
     assert y.dtype == torch.bfloat16
     assert _relative_error(y, torch.nn.functional.layer_norm(x.float(), (40,), weight, bias)) <= 1e-2
+
