@@ -7,8 +7,11 @@ LayerNorm kernel is tuned for long rows and runs at about a third of memory band
 
     y = layer_norm_rows(x, weight, bias, eps)        x: (rows, C), any float dtype -> same dtype
 
-Under autocast the inputs are taken in float32 and the result is float32 (what autocast does for
-``F.layer_norm``). Works under ``TRITON_INTERPRET=1`` on CPU tensors (how the tests run).
+Under CUDA autocast the result is float32, what autocast makes of ``F.layer_norm``; the kernel reads
+x in its own dtype and computes in float32 either way, so no cast of x is made. ``out_dtype`` writes
+another dtype instead: a LayerNorm whose only reader is a linear layer under autocast can hand it
+the float16 it would cast to (the same values, without the cast and its backward). Works under
+``TRITON_INTERPRET=1`` on CPU tensors (how the tests run).
 """
 
 from __future__ import annotations
@@ -89,12 +92,12 @@ def _launch_shape(n_cols):
 
 class _LayerNormRows(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x, weight, bias, eps):
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, eps, out_dtype):
         x = x.contiguous()
         n_rows, n_cols = x.shape
         block_r, block_c, num_warps = _launch_shape(n_cols)
-        y = torch.empty_like(x)
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         stats = dict(dtype=torch.float32, device=x.device)
         mean = torch.empty(n_rows, **stats)
         rstd = torch.empty(n_rows, **stats)
@@ -119,13 +122,19 @@ class _LayerNormRows(torch.autograd.Function):
         db_part = torch.empty(programs, n_cols, **parts)
         _ln_bwd_kernel[(programs,)](x, w, dy.contiguous(), mean, rstd, dx, dw_part, db_part, n_rows, n_cols,
                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
-        return dx, dw_part.sum(0).to(ctx.weight_dtype), db_part.sum(0).to(ctx.bias_dtype), None
+        return dx, dw_part.sum(0).to(ctx.weight_dtype), db_part.sum(0).to(ctx.bias_dtype), None, None
 
 
-def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last axis of a (rows, C) tensor, like ``F.layer_norm(x, (C,), weight, bias, eps)``."""
+def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last axis of a (rows, C) tensor, like ``F.layer_norm(x, (C,), weight, bias, eps)``.
+
+    The result has ``out_dtype`` if given, else float32 under CUDA autocast, else x's dtype.
+    """
     if triton is None:
         raise RuntimeError("layer_norm_rows needs the triton package")
     if x.dim() != 2:
         raise ValueError(f"layer_norm_rows expects (rows, C), got {tuple(x.shape)}")
-    return _LayerNormRows.apply(x, weight, bias, float(eps))
+    if out_dtype is None:
+        out_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    return _LayerNormRows.apply(x, weight, bias, float(eps), out_dtype)

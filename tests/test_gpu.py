@@ -236,7 +236,16 @@ def test_channel_layer_norm_kernel_in_model_layout():
         results[backend] = [y.detach(), x.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone()]
     for got, want in zip(results["triton"], results["torch"]):
         assert _rel(got, want) < 1e-5
-    # Under autocast the kernel computes in float32 and returns float32, like F.layer_norm.
+    # Under autocast the kernel computes in float32 and returns float32, like F.layer_norm; a norm
+    # marked autocast_output hands its reader the float16 that reader would cast to.
     with torch.autocast("cuda", dtype=torch.float16):
         norm.backend = "triton"
         assert norm(x.half()).dtype == torch.float32
+        reference = norm(x).half()
+        norm.autocast_output = True
+        marked = norm(x)
+    # The same values up to the last bit (the float16-output kernel is compiled on its own).
+    assert marked.dtype == torch.float16 and _rel(marked, reference) < 1e-3
+    x.grad = None
+    (marked.float() * dout).sum().backward()
+    assert _rel(x.grad, results["torch"][1]) < 1e-2

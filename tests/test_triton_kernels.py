@@ -484,3 +484,17 @@ def test_layer_norm_rows_low_precision_input():
     assert y.dtype == torch.bfloat16
     assert _relative_error(y, torch.nn.functional.layer_norm(x.float(), (40,), weight, bias)) <= 1e-2
 
+
+def test_layer_norm_rows_output_dtype():
+    """out_dtype writes the normalised rows in another dtype: the float32 result rounded once,
+    bit for bit; the gradient still reaches x in x's dtype."""
+    from vmamba_cli.kernels.layernorm_triton import layer_norm_rows
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 24, generator=gen).requires_grad_(True)
+    weight, bias = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    y = layer_norm_rows(x, weight, bias, 1e-5, torch.float16)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, layer_norm_rows(x, weight, bias, 1e-5).half())
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all() and x.grad.abs().max() > 0

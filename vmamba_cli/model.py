@@ -160,6 +160,9 @@ class LayerNorm(nn.LayerNorm):
     """
 
     backend = "auto"
+    # Set on norms whose only reader is a linear layer: under CUDA autocast the kernel then writes
+    # the autocast dtype that layer would cast its input to (same values, one cast less each way).
+    autocast_output = False
 
     def _rows_kernel(self, x: torch.Tensor):
         if not (x.is_cuda and x.is_contiguous() and self.elementwise_affine and self.bias is not None
@@ -173,7 +176,10 @@ class LayerNorm(nn.LayerNorm):
         kernel = self._rows_kernel(x)
         if kernel is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return kernel(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.eps).view(x.shape)
+        out_dtype = None
+        if self.autocast_output and torch.is_autocast_enabled("cuda"):
+            out_dtype = torch.get_autocast_dtype("cuda")
+        return kernel(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.eps, out_dtype).view(x.shape)
 
 
 class LayerNorm2d(LayerNorm):
@@ -326,6 +332,7 @@ class SS2D(nn.Module):
             conv = nn.Conv2d(d_inner, d_inner, cfg.ssm_conv, padding=(cfg.ssm_conv - 1) // 2,
                              groups=d_inner, bias=cfg.ssm_conv_bias)
         out_norm = layout.norm(d_inner)
+        out_norm.autocast_output = not cfg.gated   # read by out_proj only (gated: first by y * silu(z))
         # Registration order follows the official classes so state_dict listings read the same.
         if cfg.gated:
             self.in_proj, self.conv2d, self.out_norm = in_proj, conv, out_norm
@@ -386,11 +393,13 @@ class VSSBlock(nn.Module):
     def __init__(self, dim: int, drop_path: float, cfg: VMambaConfig, layout: _Layout):
         super().__init__()
         self.norm = layout.norm(dim)
+        self.norm.autocast_output = True             # read by SS2D.in_proj only
         self.op = SS2D(dim, cfg, layout)
         self.drop_path = DropPath(drop_path)
         self.has_mlp = cfg.mlp_ratio > 0
         if self.has_mlp:
             self.norm2 = layout.norm(dim)
+            self.norm2.autocast_output = True        # read by mlp.fc1 only
             self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), layout, cfg.mlp_drop_rate)
 
     def forward(self, x):
