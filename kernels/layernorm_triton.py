@@ -16,9 +16,11 @@ the float16 it would cast to (the same values, without the cast and its backward
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .scan_triton import _INTERPRET, _next_power_of_2, triton
+from .scan_triton import _INTERPRET, _cdiv, _next_power_of_2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -83,6 +85,7 @@ if triton is not None:
         tl.store(db_part_ptr + pid * n_cols + cols, tl.sum(g, axis=0), mask=mask_c)
 
 
+@functools.lru_cache(maxsize=None)
 def _launch_shape(n_cols):
     block_c = _next_power_of_2(n_cols)
     block_r = max(1, _TILE_ELEMENTS // block_c)
@@ -91,18 +94,18 @@ def _launch_shape(n_cols):
 
 
 class _LayerNormRows(torch.autograd.Function):
+    # No custom_fwd / custom_bwd: nothing here is autocast-sensitive (the kernel takes any input
+    # dtype), and entering autocast for every backward cost host time.
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, eps, out_dtype):
         x = x.contiguous()
         n_rows, n_cols = x.shape
         block_r, block_c, num_warps = _launch_shape(n_cols)
         y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        stats = dict(dtype=torch.float32, device=x.device)
-        mean = torch.empty(n_rows, **stats)
-        rstd = torch.empty(n_rows, **stats)
+        # Few, shared allocations: the host time per call matters (96 calls per training step).
+        mean, rstd = torch.empty(2, n_rows, dtype=torch.float32, device=x.device)
         w = weight.float().contiguous()
-        _ln_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        _ln_fwd_kernel[(_cdiv(n_rows, block_r),)](
             x, w, bias.float().contiguous(), y, mean, rstd, n_rows, n_cols, eps,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
         ctx.save_for_backward(x, w, mean, rstd)
@@ -110,19 +113,21 @@ class _LayerNormRows(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, w, mean, rstd = ctx.saved_tensors
         n_rows, n_cols = x.shape
         block_r, block_c, num_warps = _launch_shape(n_cols)
-        programs = triton.cdiv(n_rows, block_r)
+        programs = _cdiv(n_rows, block_r)
         dx = torch.empty_like(x)
-        parts = dict(dtype=torch.float32, device=x.device)
-        dw_part = torch.empty(programs, n_cols, **parts)
-        db_part = torch.empty(programs, n_cols, **parts)
-        _ln_bwd_kernel[(programs,)](x, w, dy.contiguous(), mean, rstd, dx, dw_part, db_part, n_rows, n_cols,
+        parts = torch.empty(2, programs, n_cols, dtype=torch.float32, device=x.device)
+        _ln_bwd_kernel[(programs,)](x, w, dy.contiguous(), mean, rstd, dx, parts[0], parts[1], n_rows, n_cols,
                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
-        return dx, dw_part.sum(0).to(ctx.weight_dtype), db_part.sum(0).to(ctx.bias_dtype), None, None
+        dweight, dbias = parts.sum(1)
+        if dweight.dtype != ctx.weight_dtype:
+            dweight = dweight.to(ctx.weight_dtype)
+        if dbias.dtype != ctx.bias_dtype:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None, None
 
 
 def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,

@@ -649,6 +649,12 @@ _MIN_CHUNK = 256
 _PROGRAMS_PER_SM = 4
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain integers: Triton's cdiv is a @triton.jit function, and calling one from Python costs
+    # about 20 us of host time (grids are computed several times per block and step).
+    return -(-a // b)
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -836,7 +842,7 @@ def _launch_carry(local, dt_sum, A, carry, reverse):
     rows = batch * channels
     block_n = _next_power_of_2(d_state)
     block_r = max(1, min(128, 2048 // block_n))
-    _chunk_carry_kernel[(triton.cdiv(rows, block_r),)](
+    _chunk_carry_kernel[(_cdiv(rows, block_r),)](
         local, dt_sum, A, carry, rows, channels, n_chunks, d_state,
         REVERSE=reverse, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
 
@@ -1022,7 +1028,7 @@ def _cross_launch(x, seq, merge, block_c=None, block_hw=None, mirror=True, num_w
     block_c = min(block_c or default_c, _next_power_of_2(channels))
     block_h = min(block_hw or default_hw, _next_power_of_2(height))
     block_w = min(block_hw or default_hw, _next_power_of_2(width))
-    grid = (batch * triton.cdiv(channels, block_c), triton.cdiv(height, block_h) * triton.cdiv(width, block_w))
+    grid = (batch * _cdiv(channels, block_c), _cdiv(height, block_h) * _cdiv(width, block_w))
     _cross_kernel[grid](x, seq, channels, height, width, *x.stride(),
                         MERGE=merge, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
                         MIRROR=bool(mirror and not merge), num_warps=num_warps or default_warps)
@@ -1116,7 +1122,7 @@ def _route_launch(proj, seq, to_map):
     block_c = _next_power_of_2(channels)
     block_l = max(32, min(256, 4096 // block_c))
     s_b, s_h, s_w, s_c = proj.stride()
-    grid = (batch * 4, triton.cdiv(height * width, block_l))
+    grid = (batch * 4, _cdiv(height * width, block_l))
     _route_kernel[grid](proj, seq, channels, height, width, s_b, s_c, s_h, s_w,
                         TO_MAP=to_map, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=4)
 
