@@ -440,17 +440,23 @@ if triton is not None:
     # N = 1 (the v2 models): the same passes on [BLOCK_D, BLOCK_T] tiles, without the state axis.
 
     @triton.jit
-    def _n1_block(A_ptr, D_ptr, delta_bias_ptr, batch, group, channels, mask_d, groups, channels_per_group,
-                  length, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """What both N = 1 kernels derive first: the block's A, delta_bias and D, its (batch,
-        channel) pairs and their row offsets, and the (batch, group) row offset of B and C."""
+    def _n1_block(A_ptr, D_ptr, delta_bias_ptr, n_blocks, groups, channels_per_group, length, chunk_len,
+                  HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """What both N = 1 kernels derive first: the program's (batch, group, channel block, chunk)
+        and the chunk's steps [start, stop), the block's A, delta_bias and D, its (batch, channel)
+        pairs and their row offsets, and the (batch, group) row offset of B and C."""
+        batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
+        chunk = tl.program_id(1)
+        start = chunk * chunk_len
+        stop = tl.minimum(start + chunk_len, length)
         n_channels = groups * channels_per_group
         A = tl.load(A_ptr + channels, mask=mask_d, other=0.0)
         bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
         skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
         pair = (batch * n_channels + channels).to(tl.int64)
         bc_row = (batch * groups + group).to(tl.int64) * length
-        return n_channels, A, bias, skip, pair, pair * length, bc_row
+        return (batch, group, channels, mask_d, chunk, start, stop, tl.arange(0, BLOCK_T), n_channels, A, bias,
+                skip, pair, pair * length, bc_row)
 
     @triton.jit
     def _tile_io(t, lower, stop, row, mask_d, batch, group, offs_d, map_h, map_w, s_b, s_c, s_h, s_w,
@@ -495,18 +501,13 @@ if triton is not None:
         PREFETCH issues the loads of the next tile before computing the current one, so that their
         latency overlaps the tile's scan instead of following it.
         """
-        batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
-        chunk = tl.program_id(1)
-        offs_t = tl.arange(0, BLOCK_T)
-        n_channels, A, bias, skip, pair, row, bc_row = _n1_block(
-            A_ptr, D_ptr, delta_bias_ptr, batch, group, channels, mask_d, groups, channels_per_group, length,
-            HAS_D, HAS_BIAS, BLOCK_D)
+        (batch, group, channels, mask_d, chunk, start, stop, offs_t, n_channels, A, bias, skip, pair, row,
+         bc_row) = _n1_block(A_ptr, D_ptr, delta_bias_ptr, n_blocks, groups, channels_per_group, length, chunk_len,
+                             HAS_D, HAS_BIAS, BLOCK_D, BLOCK_T)
         if HAS_INIT:
             h = tl.load(h_in_ptr + pair * n_chunks + chunk, mask=mask_d, other=0.0)
         else:
             h = tl.zeros([BLOCK_D], dtype=tl.float32)
-        start = chunk * chunk_len
-        stop = tl.minimum(start + chunk_len, length)
         offs_d = channels - group * channels_per_group
         io = (row, mask_d, batch, group, offs_d, map_h, map_w, su_b, su_c, su_h, su_w)
         if PREFETCH:
@@ -549,14 +550,9 @@ if triton is not None:
         """_scan_bwd_kernel for d_state = 1; MAP_IO reads u from the (B, D, H, W) map and dy from the
         merged gradient map (_io_offsets). du and ddelta are written in sequence order either way.
         PREFETCH loads the tile to the left (the next one walked) before computing the current one."""
-        batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
-        chunk = tl.program_id(1)
-        offs_t = tl.arange(0, BLOCK_T)
-        n_channels, A, bias, skip, pair, row, bc_row = _n1_block(
-            A_ptr, D_ptr, delta_bias_ptr, batch, group, channels, mask_d, groups, channels_per_group, length,
-            HAS_D, HAS_BIAS, BLOCK_D)
-        start = chunk * chunk_len
-        stop = tl.minimum(start + chunk_len, length)
+        (batch, group, channels, mask_d, chunk, start, stop, offs_t, n_channels, A, bias, skip, pair, row,
+         bc_row) = _n1_block(A_ptr, D_ptr, delta_bias_ptr, n_blocks, groups, channels_per_group, length, chunk_len,
+                             HAS_D, HAS_BIAS, BLOCK_D, BLOCK_T)
         first_tile = start // BLOCK_T
         n_tiles = tl.cdiv(stop - start, BLOCK_T)
         if HAS_INIT:
