@@ -12,13 +12,16 @@ Scan shapes (bf16 u / delta / B / C, float32 A / D / delta_bias, softplus, float
 Achieved GB/s uses the minimum traffic of the op (state on chip): forward reads u, delta, B, C and
 writes y; backward reads u, delta, B, C, dy and writes du, ddelta, dB, dC. It is printed against the
 datasheet bandwidth (--peak-gbs, by GPU name) and a device-to-device copy measured in the same run.
-Time = CUDA events around back-to-back calls (spec §7's method). Models follow spec §7: inference fp32, eval, no_grad, batch
-128; training = forward + backward under autocast (float16) with CrossEntropyLoss, no optimizer step.
---composed adds vmamba-tiny with the composed SS2D core (cross-scan copies) and with the fused
-core's backward reading the map (training) to the model table; --host-probe adds batch-4 steps.
---warm-jobs compiles every kernel first in parallel processes (Triton's cache), --profile prints the
-top kernels of one inference batch and one training step, --cross-sweep times cross-scan launch
-shapes. Without a CUDA device (or without triton) the script says so and exits with status 0.
+Time = CUDA events around back-to-back calls (spec §7's method). Models follow spec §7: inference
+fp32, eval, no_grad, batch 128; training = forward + backward under autocast (float16) with
+CrossEntropyLoss, no optimizer step. --composed adds vmamba-tiny with the composed SS2D core
+(cross-scan copies) and with the fused core's backward reading the map (training) to the model
+table; --host-probe adds batch-4 steps; --graphs times both models' steps replayed from CUDA graphs.
+--prefetch-sweep [--pick] times the N = 1 kernels with and without loading a tile ahead and the
+backward's dB / dC partials. --warm-jobs compiles every kernel first in parallel processes (Triton's
+cache), --profile prints the top kernels of one inference batch and one training step and both
+models' kernel time per step, --cross-sweep times cross-scan launch shapes. Without a CUDA device
+(or without triton) the script says so and exits with status 0.
 """
 
 from __future__ import annotations
@@ -497,25 +500,12 @@ def profile_models(args, out_dir):
 
     from vmamba_cli.model import create_model
 
-    images = torch.randn(args.batch, 3, 224, 224, device="cuda")
-    target = torch.randint(0, 1000, (args.batch,), device="cuda")
     tables = {}
     for model_name, build in (("vmamba-tiny", lambda: create_model("vmamba-tiny")),
                               ("swin_t", lambda: torchvision.models.swin_t())):
         model = build().cuda()
-
-        def infer():
-            model.eval()
-            with torch.no_grad():
-                model(images)
-
-        def train():
-            model.train()
-            with torch.autocast("cuda", dtype=torch.float16):
-                loss = torch.nn.functional.cross_entropy(model(images), target)
-            loss.backward()
-
-        for name, step in (("inference_fp32", infer), ("train_amp", train)):
+        for name, train in (("inference_fp32", False), ("train_amp", True)):
+            step = _model_step(model, args.batch, 224, train)
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
@@ -540,25 +530,32 @@ def profile_models(args, out_dir):
     return tables
 
 
+def _model_step(model, batch, size, train: bool, autocast_cache: bool = True):
+    """One spec §7 step on random images: fp32 inference under no_grad, or an AMP (float16) forward
+    + backward with CrossEntropyLoss, no optimizer step. Puts the model in the matching mode."""
+    device = torch.device("cuda")
+    images = torch.randn(batch, 3, size, size, device=device)
+    model.train(train)
+    if not train:
+        def step():
+            with torch.no_grad():
+                model(images)
+        return step
+    target = torch.randint(0, 1000, (batch,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=autocast_cache):
+            loss = loss_fn(model(images), target)
+        loss.backward()
+    return step
+
+
 def _graphed_throughput(model, batch, size, args, train: bool):
     """img/s of the same steps as _throughput, captured once as a CUDA graph and replayed: the
     GPU's time per step without the host's (Python, autograd, launches). Autocast's weight cache
     is off, as graph capture requires."""
-    device = torch.device("cuda")
-    images = torch.randn(batch, 3, size, size, device=device)
-    target = torch.randint(0, 1000, (batch,), device=device)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    model.train(train)
-
-    def step():
-        if not train:
-            with torch.no_grad():
-                model(images)
-            return
-        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
-            loss = loss_fn(model(images), target)
-        loss.backward()
-
+    step = _model_step(model, batch, size, train, autocast_cache=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -573,24 +570,7 @@ def _graphed_throughput(model, batch, size, args, train: bool):
 
 
 def _throughput(model, batch, size, args, train: bool):
-    device = torch.device("cuda")
-    images = torch.randn(batch, 3, size, size, device=device)
-    if not train:
-        model.eval()
-
-        def step():
-            with torch.no_grad():
-                model(images)
-    else:
-        model.train()
-        target = torch.randint(0, 1000, (batch,), device=device)
-        loss_fn = torch.nn.CrossEntropyLoss()
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.float16):
-                loss = loss_fn(model(images), target)
-            loss.backward()
-
+    step = _model_step(model, batch, size, train)
     torch.cuda.reset_peak_memory_stats()
     ms = _time_cuda(step, args.model_warmup, args.model_iters)
     return batch / (ms * 1e-3), torch.cuda.max_memory_allocated() / 2**20
