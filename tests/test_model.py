@@ -264,3 +264,17 @@ def test_backward_through_model():
     assert all(g is not None for g in grads.values())
     assert grads["layers.0.blocks.0.op.A_logs"].abs().sum() > 0
     assert grads["layers.0.blocks.0.op.dt_projs_bias"].abs().sum() > 0
+
+
+def test_gelu_on_channels_last_maps():
+    from vmamba_cli.model import GELU
+
+    x = torch.randn(2, 6, 5, 4).to(memory_format=torch.channels_last).requires_grad_()
+    y = GELU()(x)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, torch.nn.functional.gelu(x), rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    expected = torch.autograd.grad(torch.nn.functional.gelu(x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-6)
+    plain = torch.randn(3, 7)
+    torch.testing.assert_close(GELU()(plain), torch.nn.functional.gelu(plain))
