@@ -15,7 +15,8 @@ datasheet bandwidth (--peak-gbs, by GPU name) and a device-to-device copy measur
 Time = CUDA events around back-to-back calls (spec §7's method). Models follow spec §7: inference
 fp32, eval, no_grad, batch 128; training = forward + backward under autocast (float16) with
 CrossEntropyLoss, no optimizer step. --composed adds vmamba-tiny with the composed SS2D core
-(cross-scan copies) and with the fused core's backward reading the map (training) to the model
+(cross-scan copies), with the fused core's backward reading the map (training) and with delta from a
+batched matmul instead of the scan kernel's projection (inference, FUSED_DT_PROJ off) to the model
 table; --host-probe adds batch-4 steps; --graphs times both models' steps replayed from CUDA graphs.
 --prefetch-sweep [--pick] times the N = 1 kernels with and without loading a tile ahead and the
 backward's dB / dC partials. --warm-jobs compiles every kernel first in parallel processes (Triton's
@@ -416,9 +417,11 @@ _CASES = (("224px b128 stage0", 128, 4, 96, 1, 3136), ("1024px b1 stage0", 1, 4,
 
 
 # SS2D core switches of scan_triton (the module's defaults, then these) compared by --composed.
-_CORE_DEFAULTS = {"FUSED_CROSS_SCAN": True, "FUSED_TRAINING": True, "BACKWARD_READS_MAP": False}
+_CORE_DEFAULTS = {"FUSED_CROSS_SCAN": True, "FUSED_TRAINING": True, "BACKWARD_READS_MAP": False,
+                  "FUSED_DT_PROJ": True}
 _COMPOSED = {"FUSED_CROSS_SCAN": False}
 _FUSED_MAP_BWD = {"BACKWARD_READS_MAP": True}
+_DELTA_MATMUL = {"FUSED_DT_PROJ": False}
 
 
 def _set_core(switches):
@@ -582,18 +585,20 @@ def bench_models(args):
     from vmamba_cli.model import create_model
 
     torch.backends.cudnn.benchmark = True
-    # (name, build, SS2D core switches of scan_triton, training only)
-    models = [("vmamba-tiny", lambda: create_model("vmamba-tiny"), {}, False),
-              ("swin_t", lambda: torchvision.models.swin_t(), {}, False)]
+    # (name, build, SS2D core switches of scan_triton, modes: None = both, else only "train" / "inference")
+    models = [("vmamba-tiny", lambda: create_model("vmamba-tiny"), {}, None),
+              ("swin_t", lambda: torchvision.models.swin_t(), {}, None)]
     if args.composed:
         # The other SS2D cores in the same run: composed ops throughout (cross-scan copies, batched
-        # projections), and the fused core with its backward reading the map.
-        models[1:1] = [("vmamba-tiny composed", lambda: create_model("vmamba-tiny"), _COMPOSED, False),
-                       ("vmamba-tiny map-bwd", lambda: create_model("vmamba-tiny"), _FUSED_MAP_BWD, True)]
+        # projections), the fused core with its backward reading the map, and the fused inference
+        # core with delta from a batched matmul instead of the scan kernel's own projection.
+        models[1:1] = [("vmamba-tiny composed", lambda: create_model("vmamba-tiny"), _COMPOSED, None),
+                       ("vmamba-tiny map-bwd", lambda: create_model("vmamba-tiny"), _FUSED_MAP_BWD, "train"),
+                       ("vmamba-tiny delta-matmul", lambda: create_model("vmamba-tiny"), _DELTA_MATMUL, "inference")]
     rows = []
     for mode, train in (("inference fp32", False), ("train AMP fwd+bwd", True)):
         timed = {}
-        runs = [m for m in models if train or not m[3]]
+        runs = [m for m in models if m[3] in (None, "train" if train else "inference")]
         # Rounds alternate the order: the first model timed in a mode measured up to 6 % slow on
         # the H200 (the same configuration timed again later was faster).
         for round_index in range(args.rounds):

@@ -441,10 +441,12 @@ if triton is not None:
 
     @triton.jit
     def _n1_block(A_ptr, D_ptr, delta_bias_ptr, n_blocks, groups, channels_per_group, length, chunk_len,
-                  HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+                  bc_stride, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_T: tl.constexpr):
         """What both N = 1 kernels derive first: the program's (batch, group, channel block, chunk)
         and the chunk's steps [start, stop), the block's A, delta_bias and D, its (batch, channel)
-        pairs and their row offsets, and the (batch, group) row offset of B and C."""
+        pairs and their row offsets, and the (batch, group) row offset of B and C (rows
+        ``bc_stride`` elements apart: L for their own tensors, more for views of a wider one)."""
         batch, group, channels, mask_d = _program_coords(n_blocks, groups, channels_per_group, BLOCK_D)
         chunk = tl.program_id(1)
         start = chunk * chunk_len
@@ -454,7 +456,7 @@ if triton is not None:
         bias = _per_channel(delta_bias_ptr, channels, mask_d, HAS_BIAS, BLOCK_D)
         skip = _per_channel(D_ptr, channels, mask_d, HAS_D, BLOCK_D)
         pair = (batch * n_channels + channels).to(tl.int64)
-        bc_row = (batch * groups + group).to(tl.int64) * length
+        bc_row = (batch * groups + group).to(tl.int64) * bc_stride
         return (batch, group, channels, mask_d, chunk, start, stop, tl.arange(0, BLOCK_T), n_channels, A, bias,
                 skip, pair, pair * length, bc_row)
 
@@ -469,11 +471,16 @@ if triton is not None:
         return mask_t, mask, offs, u_offs
 
     @triton.jit
-    def _load_raw_n1(u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask):
+    def _load_raw_n1(u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask,
+                     LOAD_DELTA: tl.constexpr):
         """u, delta, B and C of one d_state = 1 tile as stored: loaded a tile ahead (PREFETCH), they
-        stay narrow in registers while the tile before them is computed."""
+        stay narrow in registers while the tile before them is computed. Without LOAD_DELTA (the
+        kernel projects delta itself) u stands in for delta and is never read as such."""
         u = tl.load(u_ptr + u_offs, mask=mask, other=0.0)
-        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0)
+        if LOAD_DELTA:
+            delta = tl.load(delta_ptr + offs, mask=mask, other=0.0)
+        else:
+            delta = u
         Bt = tl.load(B_ptr + bc_row + t, mask=mask_t, other=0.0)
         Ct = tl.load(C_ptr + bc_row + t, mask=mask_t, other=0.0)
         return u, delta, Bt, Ct
@@ -482,28 +489,43 @@ if triton is not None:
     def _load_raw_bwd_n1(u_ptr, delta_ptr, B_ptr, C_ptr, dy_ptr, u_offs, g_offs, offs, bc_row, t, mask_t, mask,
                          mask_next):
         """_load_raw_n1 plus what only the backward reads: dy, and delta one step along (mask_next)."""
-        u, delta, Bt, Ct = _load_raw_n1(u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask)
+        u, delta, Bt, Ct = _load_raw_n1(u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask, True)
         g = tl.load(dy_ptr + g_offs, mask=mask, other=0.0)
         delta_next = tl.load(delta_ptr + offs + 1, mask=mask_next, other=0.0)
         return u, delta, Bt, Ct, g, delta_next
 
     @triton.jit
+    def _dt_projection(dts_ptr, w_ptr, rank, dts_row, channels, mask_d, t, mask_t, length,
+                       BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """delta before its bias, [BLOCK_D, BLOCK_T]: dt_projs_weight (K*D, R) of the block's channels
+        times the R low-rank rows of the (batch, group) at steps t. The rows are shared by every
+        channel of the group, so the (B, K*D, L) delta tensor is never written or read."""
+        pre = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+        for r in range(rank):
+            w = tl.load(w_ptr + channels * rank + r, mask=mask_d, other=0.0)
+            d = tl.load(dts_ptr + dts_row + r * length + t, mask=mask_t, other=0.0).to(tl.float32)
+            pre += w[:, None] * d[None, :]
+        return pre
+
+    @triton.jit
     def _scan_fwd_n1_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, h_in_ptr, y_ptr, tile_state_ptr,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, h_in_ptr, y_ptr, tile_state_ptr, w_ptr,
         length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group,
-        map_h, map_w, su_b, su_c, su_h, su_w,
+        map_h, map_w, su_b, su_c, su_h, su_w, bc_stride, rank,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
         STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH: tl.constexpr, DT_PROJ: tl.constexpr,
     ):
         """_scan_fwd_kernel for d_state = 1; MAP_IO reads u from the (B, D, H, W) map (_io_offsets).
 
         PREFETCH issues the loads of the next tile before computing the current one, so that their
-        latency overlaps the tile's scan instead of following it.
+        latency overlaps the tile's scan instead of following it. DT_PROJ forms delta in the kernel
+        (_dt_projection): delta_ptr then points at the (batch, group) rows of the ``rank`` low-rank
+        step inputs, ``bc_stride`` apart like B and C, and w_ptr at dt_projs_weight (K*D, rank).
         """
         (batch, group, channels, mask_d, chunk, start, stop, offs_t, n_channels, A, bias, skip, pair, row,
          bc_row) = _n1_block(A_ptr, D_ptr, delta_bias_ptr, n_blocks, groups, channels_per_group, length, chunk_len,
-                             HAS_D, HAS_BIAS, BLOCK_D, BLOCK_T)
+                             bc_stride, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_T)
         if HAS_INIT:
             h = tl.load(h_in_ptr + pair * n_chunks + chunk, mask=mask_d, other=0.0)
         else:
@@ -514,7 +536,7 @@ if triton is not None:
             t = start + offs_t
             mask_t, mask, offs, u_offs = _tile_io(t, start, stop, *io, MAP_IO)
             u_ahead, delta_ahead, B_ahead, C_ahead = _load_raw_n1(
-                u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask)
+                u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask, not DT_PROJ)
         for t0 in range(start, stop, BLOCK_T):
             if STORE_STATES:
                 tl.store(tile_state_ptr + pair * n_tiles_total + t0 // BLOCK_T, h, mask=mask_d)
@@ -526,10 +548,13 @@ if triton is not None:
                 mask_t_ahead, mask_ahead, offs_ahead, u_offs_ahead = _tile_io(t_ahead, start, stop, *io, MAP_IO)
                 u_ahead, delta_ahead, B_ahead, C_ahead = _load_raw_n1(
                     u_ptr, delta_ptr, B_ptr, C_ptr, u_offs_ahead, offs_ahead, bc_row, t_ahead, mask_t_ahead,
-                    mask_ahead)
+                    mask_ahead, not DT_PROJ)
             else:
                 u_raw, delta_raw, B_raw, C_raw = _load_raw_n1(
-                    u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask)
+                    u_ptr, delta_ptr, B_ptr, C_ptr, u_offs, offs, bc_row, t, mask_t, mask, not DT_PROJ)
+            if DT_PROJ:
+                delta_raw = _dt_projection(delta_ptr, w_ptr, rank, bc_row, channels, mask_d, t, mask_t, length,
+                                           BLOCK_D, BLOCK_T)
             u, pre, dt = _steps(u_raw, delta_raw, bias, mask, SOFTPLUS)
             decay = tl.exp(dt * A[:, None])
             decay_prefix, local = tl.associative_scan((decay, dt * u * B_raw.to(tl.float32)[None, :]), 1, _compose)
@@ -552,7 +577,7 @@ if triton is not None:
         PREFETCH loads the tile to the left (the next one walked) before computing the current one."""
         (batch, group, channels, mask_d, chunk, start, stop, offs_t, n_channels, A, bias, skip, pair, row,
          bc_row) = _n1_block(A_ptr, D_ptr, delta_bias_ptr, n_blocks, groups, channels_per_group, length, chunk_len,
-                             HAS_D, HAS_BIAS, BLOCK_D, BLOCK_T)
+                             length, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_T)
         first_tile = start // BLOCK_T
         n_tiles = tl.cdiv(stop - start, BLOCK_T)
         if HAS_INIT:
@@ -789,19 +814,35 @@ def _map_args(u, dy=None):
     return args + (tuple(dy.stride()) if dy is not None else ())
 
 
-def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, cfg, store_states):
+def _bc_stride(B, C):
+    """Elements between the (batch, group) rows of d_state = 1 B and C: they may be views of a wider
+    tensor (the routed projections) as long as both step alike."""
+    batch, groups, d_state, length = B.shape
+    stride = B.stride(1)
+    if (d_state != 1 or C.stride() != B.stride() or B.stride(3) != 1 or B.stride(0) != groups * stride
+            or stride < length):
+        raise ValueError("B and C must be (batch, groups, 1, L) rows at one common stride")
+    return stride
+
+
+def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, cfg, store_states,
+                  dt_proj=None):
     """y, and the state entering every BLOCK_T tile (None unless store_states).
 
     u is either (B, K*D, L) like delta, or the (B, D, H, W) map the four groups (K = 4) read along
-    their cross-scan routes; y is (B, K*D, L) in sequence order either way.
+    their cross-scan routes; y is (B, K*D, L) in sequence order either way. ``dt_proj`` = W, a
+    (K*D, R) float32 dt_projs_weight: delta is then (B, K, R, L) (a view whose rows step like B's)
+    and the kernel forms W @ delta itself (d_state = 1, one chunk, no stored states).
     """
     block_d, block_n, block_t, chunk_len, n_chunks, n_blocks, num_warps = cfg[:7]
-    batch, channels, length = delta.shape
+    batch, groups, _, length = B.shape
+    channels, d_state = A.shape
     map_io = u.dim() == 4
     map_args = _map_args(u)
-    if map_io and A.shape[1] != 1:
+    if map_io and d_state != 1:
         raise ValueError("reading u from the map is implemented for d_state = 1 only")
-    groups, d_state = B.shape[1], A.shape[1]
+    if dt_proj is not None and (d_state != 1 or n_chunks > 1 or store_states):
+        raise ValueError("the in-kernel dt projection needs d_state = 1, one chunk and no stored states")
     per_group = channels // groups
     grid = (batch * groups * n_blocks, n_chunks)
     f32 = dict(dtype=torch.float32, device=u.device)
@@ -826,8 +867,10 @@ def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype
                  SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=block_d, BLOCK_T=block_t,
                  num_warps=num_warps)
     if d_state == 1:
-        _scan_fwd_n1_kernel[grid](*args, *map_args, **flags, MAP_IO=map_io, PREFETCH=cfg.prefetch,
-                                  **_register_cap(cfg.maxnreg))
+        rank = 0 if dt_proj is None else dt_proj.shape[1]
+        args = args[:10] + (A if dt_proj is None else dt_proj,) + args[10:]
+        _scan_fwd_n1_kernel[grid](*args, *map_args, _bc_stride(B, C), rank, **flags, MAP_IO=map_io,
+                                  PREFETCH=cfg.prefetch, DT_PROJ=dt_proj is not None, **_register_cap(cfg.maxnreg))
     else:
         _scan_fwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
     return y, tile_state
@@ -1183,6 +1226,10 @@ class _TritonCrossScanMerge(torch.autograd.Function):
 FUSED_CROSS_SCAN = True
 FUSED_TRAINING = True
 BACKWARD_READS_MAP = False
+# Inference through the fused core (one chunk): the scan kernel forms delta = dt_projs_weight @ dts
+# itself from the routed projections and reads B and C from them in place, instead of a batched
+# matmul writing the (B, 4*Di, L) delta tensor that the kernel then reads back.
+FUSED_DT_PROJ = True
 
 
 def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, **launch):
@@ -1208,9 +1255,15 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
     proj = torch.nn.functional.linear(x.permute(0, 2, 3, 1),
                                       x_proj_weight.reshape(routes * rank_and_state, d_inner).to(x.dtype))
     dts, Bs, Cs = torch.split(_RouteProjections.apply(proj), [rank, 1, 1], dim=2)
-    delta = torch.matmul(dt_projs_weight.to(dts.dtype), dts)                  # (B, 4, Di, L)
     cfg = choose_scan_config(batch, routes, d_inner, 1, length, x.device, training=training, map_io=True,
                              **launch)
+    if FUSED_DT_PROJ and not training and cfg.n_chunks == 1:
+        y, _ = _scan_forward(
+            x, dts, -torch.exp(A_logs.float()), Bs, Cs, Ds.float().contiguous(),
+            dt_projs_bias.reshape(-1).float().contiguous(), True, torch.float32, cfg, False,
+            dt_proj=dt_projs_weight.reshape(routes * d_inner, rank).float().contiguous())
+        return _merge_layout(y.view(batch, routes, d_inner, length), height, width)
+    delta = torch.matmul(dt_projs_weight.to(dts.dtype), dts)                  # (B, 4, Di, L)
     if training and not BACKWARD_READS_MAP:
         # The backward runs the plain kernel on sequence-ordered copies: its launch, same tiles.
         plain = choose_scan_config(batch, routes, d_inner, 1, length, x.device, training=True, **launch)
@@ -1255,11 +1308,16 @@ def kernel_variants(d_states=(1, 16)):
                     blocks_2d = dict(BLOCK_D=block_d, BLOCK_T=block_t, MAP_IO=map_io, PREFETCH=prefetch)
                     label = tag + (",prefetch" if prefetch else "")
                     variants += [
-                        (f"scan_fwd[N=1{label}]", _scan_fwd_n1_kernel, dict(**full, STORE_STATES=True, **blocks_2d),
-                         num_warps),
+                        (f"scan_fwd[N=1{label}]", _scan_fwd_n1_kernel,
+                         dict(**full, STORE_STATES=True, **blocks_2d, DT_PROJ=False), num_warps),
                         (f"scan_bwd[N=1{label}]", _scan_bwd_n1_kernel,
                          dict(**full, **blocks_2d, BC_PARTIALS=prefetch), num_warps),
                     ]
+                    if map_io:
+                        # The inference forward of the fused core: delta formed in the kernel.
+                        variants.append((f"scan_fwd[N=1{label},dt_proj]", _scan_fwd_n1_kernel,
+                                         dict(**flags, HAS_D=True, HAS_INIT=False, STORE_STATES=False,
+                                              **blocks_2d, DT_PROJ=True), num_warps))
         if d_state != 1:
             variants += [
                 (f"scan_fwd[N={d_state}]", _scan_fwd_kernel, dict(**full, STORE_STATES=True, **blocks), num_warps),

@@ -190,6 +190,11 @@ def test_fused_core_matches_composed_ops(monkeypatch, batch, d_inner, height, wi
     assert _rel(results["fused"][0], results["composed"][0]) < 1e-4
     for k, grad in results["composed"][1].items():
         assert _rel(results["fused"][1][k], grad) < 1e-3, k
+    # Inference: delta formed inside the scan kernel (one chunk) or by the batched matmul.
+    for dt_proj in (True, False):
+        monkeypatch.setattr(scan_triton, "FUSED_DT_PROJ", dt_proj)
+        with torch.no_grad():
+            assert _rel(scan_triton.cross_selective_scan(x, *params.values()), results["composed"][0]) < 1e-4
 
 
 def test_model_triton_matches_torch_backend_forward_and_backward():

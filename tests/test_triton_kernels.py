@@ -302,6 +302,8 @@ def test_every_kernel_compiles_for_gpu(aot_results, cap, io, d_states):
         expected |= {f"{name}[N=1,map]/{io}" for name in ("chunk_state", "scan_fwd", "bwd_chunk", "scan_bwd")}
         # The N = 1 scans loading tiles ahead (the backward with dB / dC partials), both layouts.
         expected |= {f"{name}[N=1{tag},prefetch]/{io}" for name in ("scan_fwd", "scan_bwd") for tag in ("", ",map")}
+        # The fused core's inference forward forming delta itself, with and without the lookahead.
+        expected |= {f"scan_fwd[N=1,map{tag},dt_proj]/{io}" for tag in ("", ",prefetch")}
     for merge in (False, True):
         expected.add(f"cross[merge={merge}]/{io}")
         expected.add(f"route[to_map={merge}]/{io}")
@@ -407,6 +409,36 @@ def test_fused_core_reads_the_map_along_each_route(monkeypatch, height, width, c
         assert _relative_error(grads_f[name], grad) <= 1e-5, name
 
 
+@pytest.mark.parametrize("height,width,rank,prefetch", [(7, 5, 3, False), (5, 7, 3, True), (1, 1, 1, True)])
+def test_fused_core_inference_forms_delta_in_the_kernel(monkeypatch, height, width, rank, prefetch):
+    """Inference through the fused core (FUSED_DT_PROJ, one chunk): the scan kernel projects the
+    routed low-rank rows itself and reads B and C from them in place; no delta tensor, no matmul.
+    Several channel blocks and tiles (35 steps in 8-step tiles), an odd rank, L = 1."""
+    from vmamba_cli.kernels import compose_cross_selective_scan
+
+    monkeypatch.setattr(scan_triton, "FUSED_DT_PROJ", True)
+    monkeypatch.setattr(scan_triton, "N1_PREFETCH", prefetch)
+    params = _ss2d_params(6, 1, rank, seed=25)
+    x = torch.randn(2, 6, height, width, generator=torch.Generator().manual_seed(26))
+    x = x.contiguous(memory_format=torch.channels_last)
+    forwards = []
+    real_forward = scan_triton._scan_forward
+
+    def spy(*args, **kwargs):
+        forwards.append(kwargs.get("dt_proj"))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(scan_triton, "_scan_forward", spy)
+    monkeypatch.setattr(scan_triton.torch, "matmul", lambda *a, **k: pytest.fail("delta built by a matmul"))
+    with torch.no_grad():
+        out = scan_triton.cross_selective_scan(x, *params.values(), block_t=8, block_d=4)
+    monkeypatch.undo()
+    assert len(forwards) == 1 and forwards[0] is not None and forwards[0].shape == (24, rank)
+    expected = compose_cross_selective_scan(x, *params.values(), backend="torch")
+    assert out.shape == expected.shape
+    assert _relative_error(out, expected) <= 1e-5
+
+
 def test_fused_core_bf16_and_switches(monkeypatch):
     """bf16 activations through the fused core (loose tolerance); the switches: fused with and
     without a backward by default, composed with a backward when FUSED_TRAINING is off and
@@ -422,8 +454,10 @@ def test_fused_core_bf16_and_switches(monkeypatch):
     calls = []
     monkeypatch.setattr(scan_triton, "_TritonCrossScanMerge",
                         type("Spy", (), {"apply": staticmethod(lambda *a: calls.append(1))}))
-    kernels.cross_selective_scan(x, *params.values(), backend="triton")
     kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton")
+    assert calls == [1]
+    monkeypatch.setattr(scan_triton, "FUSED_DT_PROJ", False)
+    kernels.cross_selective_scan(x, *params.values(), backend="triton")
     assert calls == [1, 1]
     monkeypatch.setattr(scan_triton, "FUSED_TRAINING", False)
     trained = kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton")
