@@ -15,6 +15,9 @@ and >= swin_t at 1024x1024 batch 1 with peak memory <= swin_t's.
 ``--rounds K`` runs the whole model list K times, alternating models, and prints each round's
 vmamba / peer speed ratio and their median: on a shared VM the machine's speed drifts over
 minutes, so a ratio of two rows taken back to back is steadier than one of two separate runs.
+``--paired N`` goes further: one process holds both models and times N pairs of single forwards
+(order alternating within the pairs), so each ratio compares forwards seconds apart; it prints the
+median and quartiles of the per-pair ratios (speed only: peak memory needs separate processes).
 """
 
 from __future__ import annotations
@@ -42,13 +45,7 @@ def _child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     name, res, batch = spec["model"], spec["res"], spec["batch"]
-    if name.startswith("vmamba"):
-        from vmamba_cli.model import create_model
-        model = create_model(name).set_scan_backend(spec["backend"])
-    else:
-        import torchvision
-        model = getattr(torchvision.models, name)()
-    model.eval()
+    model = _build(name, spec["backend"])
     x = torch.randn(batch, 3, res, res)
     times = []
     with torch.inference_mode():
@@ -66,6 +63,52 @@ def _child(spec: dict) -> dict:
             "median_s": median, "img_per_s": batch / median, "s_per_img": median / batch,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "loadavg": os.getloadavg(), "threads": torch.get_num_threads()}
+
+
+def _build(name, backend):
+    if name.startswith("vmamba"):
+        from vmamba_cli.model import create_model
+        return create_model(name).set_scan_backend(backend).eval()
+    import torchvision
+    return getattr(torchvision.models, name)().eval()
+
+
+def _paired_child(spec: dict) -> dict:
+    """Per-pair speed ratios vmamba / peer from single forwards alternating in one process."""
+    import time
+
+    if spec["malloc"]:
+        from vmamba_cli.memory import tune_malloc
+        tune_malloc()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    models = [_build(spec["model"], spec["backend"]), _build(spec["peer"], None)]
+    x = torch.randn(spec["batch"], 3, spec["res"], spec["res"])
+    ratios = []
+    with torch.inference_mode():
+        for model in models:
+            model(x)
+            model(x)
+        for pair in range(spec["pairs"]):
+            seconds = [0.0, 0.0]
+            for index in ((0, 1) if pair % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                models[index](x)
+                seconds[index] = time.perf_counter() - t0
+            ratios.append(seconds[1] / seconds[0])
+    return {"ratios": ratios, "loadavg": os.getloadavg()}
+
+
+def run_paired(backend, case, args) -> dict:
+    res, batch = CASES[case]
+    spec = {"model": "vmamba-tiny", "backend": backend, "peer": PEERS[case], "res": res, "batch": batch,
+            "pairs": args.paired, "threads": args.threads, "malloc": not args.no_malloc_tuning}
+    proc = subprocess.run([sys.executable, __file__, "--paired-child", json.dumps(spec)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"paired {case} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_case(model, backend, case, args) -> dict:
@@ -86,12 +129,33 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="alternate the models this many times")
+    parser.add_argument("--paired", type=int, default=0,
+                        help="instead: N pairs of forwards of vmamba-tiny and the peer in one process")
     parser.add_argument("--no-malloc-tuning", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--paired-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
+        return
+    if args.paired_child:
+        print(json.dumps(_paired_child(json.loads(args.paired_child))))
+        return
+    if args.paired:
+        rows = []
+        for case in (CASES if args.case == "all" else [args.case]):
+            for backend in args.backends.split(","):
+                result = run_paired(backend, case, args)
+                q1, median, q3 = statistics.quantiles(result["ratios"], n=4) if len(result["ratios"]) > 1 else (
+                    result["ratios"] * 3)
+                print(f"{case}: vmamba-tiny [{backend}] / {PEERS[case]} speed, {len(result['ratios'])} pairs in one "
+                      f"process: median {median:.2f} (quartiles {q1:.2f}-{q3:.2f}; pairs "
+                      + ", ".join(f"{r:.2f}" for r in result["ratios"])
+                      + f"); load {result['loadavg'][0]:.2f} (goal >= 1.0)", file=sys.stderr, flush=True)
+                rows.append({"case": case, "backend": backend, **result})
+        if args.json:
+            print(json.dumps(rows, indent=1))
         return
 
     rows = []
