@@ -867,10 +867,12 @@ def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype
                  SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=block_d, BLOCK_T=block_t,
                  num_warps=num_warps)
     if d_state == 1:
+        # The N = 1 kernel also takes the dt projection's weight (A as a stand-in when unused).
+        pointers, sizes = args[:10], args[10:]
         rank = 0 if dt_proj is None else dt_proj.shape[1]
-        args = args[:10] + (A if dt_proj is None else dt_proj,) + args[10:]
-        _scan_fwd_n1_kernel[grid](*args, *map_args, _bc_stride(B, C), rank, **flags, MAP_IO=map_io,
-                                  PREFETCH=cfg.prefetch, DT_PROJ=dt_proj is not None, **_register_cap(cfg.maxnreg))
+        _scan_fwd_n1_kernel[grid](*pointers, A if dt_proj is None else dt_proj, *sizes, *map_args, _bc_stride(B, C),
+                                  rank, **flags, MAP_IO=map_io, PREFETCH=cfg.prefetch, DT_PROJ=dt_proj is not None,
+                                  **_register_cap(cfg.maxnreg))
     else:
         _scan_fwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
     return y, tile_state
@@ -1257,11 +1259,11 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
     dts, Bs, Cs = torch.split(_RouteProjections.apply(proj), [rank, 1, 1], dim=2)
     cfg = choose_scan_config(batch, routes, d_inner, 1, length, x.device, training=training, map_io=True,
                              **launch)
+    A = -torch.exp(A_logs.float())
+    D, delta_bias = Ds.float().contiguous(), dt_projs_bias.reshape(-1).float().contiguous()
     if FUSED_DT_PROJ and not training and cfg.n_chunks == 1:
-        y, _ = _scan_forward(
-            x, dts, -torch.exp(A_logs.float()), Bs, Cs, Ds.float().contiguous(),
-            dt_projs_bias.reshape(-1).float().contiguous(), True, torch.float32, cfg, False,
-            dt_proj=dt_projs_weight.reshape(routes * d_inner, rank).float().contiguous())
+        y, _ = _scan_forward(x, dts, A, Bs, Cs, D, delta_bias, True, torch.float32, cfg, False,
+                             dt_proj=dt_projs_weight.reshape(routes * d_inner, rank).float().contiguous())
         return _merge_layout(y.view(batch, routes, d_inner, length), height, width)
     delta = torch.matmul(dt_projs_weight.to(dts.dtype), dts)                  # (B, 4, Di, L)
     if training and not BACKWARD_READS_MAP:
@@ -1269,10 +1271,8 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
         plain = choose_scan_config(batch, routes, d_inner, 1, length, x.device, training=True, **launch)
         cfg = cfg._replace(bwd_block_d=plain.bwd_block_d, bwd_num_warps=plain.bwd_num_warps,
                            bwd_maxnreg=plain.bwd_maxnreg)
-    return _TritonCrossScanMerge.apply(
-        x, delta.view(batch, routes * d_inner, length), -torch.exp(A_logs.float()), Bs.contiguous(),
-        Cs.contiguous(), Ds.float().contiguous(), dt_projs_bias.reshape(-1).float().contiguous(), cfg,
-        BACKWARD_READS_MAP)
+    return _TritonCrossScanMerge.apply(x, delta.view(batch, routes * d_inner, length), A, Bs.contiguous(),
+                                       Cs.contiguous(), D, delta_bias, cfg, BACKWARD_READS_MAP)
 
 
 # ----------------------------------------------------------------------------------------------
