@@ -465,7 +465,7 @@ def _warm_one(index, args):
 
         model = create_model("vmamba-tiny").cuda()
         args.model_warmup, args.model_iters = 1, 1
-        for switches in ({}, _COMPOSED, _FUSED_MAP_BWD) if args.composed else ({},):
+        for switches in ({}, _COMPOSED, _FUSED_MAP_BWD, _DELTA_MATMUL) if args.composed else ({},):
             _set_core(switches)
             _throughput(model, args.batch, 224, args, train=False)
             _throughput(model, args.batch, 224, args, train=True)
