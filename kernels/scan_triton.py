@@ -567,7 +567,7 @@ if triton is not None:
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, delta_bias_ptr, dy_ptr, dh_in_ptr,
         tile_state_ptr, du_ptr, ddelta_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
         length, chunk_len, n_chunks, n_tiles_total, n_blocks, groups, channels_per_group,
-        map_h, map_w, su_b, su_c, su_h, su_w, sg_b, sg_c, sg_h, sg_w, bc_block_stride,
+        map_h, map_w, su_b, su_c, su_h, su_w, sg_b, sg_c, sg_h, sg_w, bc_block_stride, bc_stride,
         HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SOFTPLUS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MAP_IO: tl.constexpr, PREFETCH: tl.constexpr,
         BC_PARTIALS: tl.constexpr,
@@ -577,7 +577,9 @@ if triton is not None:
         PREFETCH loads the tile to the left (the next one walked) before computing the current one."""
         (batch, group, channels, mask_d, chunk, start, stop, offs_t, n_channels, A, bias, skip, pair, row,
          bc_row) = _n1_block(A_ptr, D_ptr, delta_bias_ptr, n_blocks, groups, channels_per_group, length, chunk_len,
-                             length, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_T)
+                             bc_stride, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_T)
+        # dB and dC are their own (B, K, 1, L) tensors (or partial buffers of them), whatever B's stride.
+        bc_out = (batch * groups + group).to(tl.int64) * length
         first_tile = start // BLOCK_T
         n_tiles = tl.cdiv(stop - start, BLOCK_T)
         if HAS_INIT:
@@ -635,12 +637,12 @@ if triton is not None:
             # or (BC_PARTIALS) write their own slice of a (blocks, B, K, 1, L) buffer summed later:
             # no atomics, so dB and dC come out the same on every run.
             if BC_PARTIALS:
-                bc_slot = (tl.program_id(0) % n_blocks).to(tl.int64) * bc_block_stride + bc_row + t
+                bc_slot = (tl.program_id(0) % n_blocks).to(tl.int64) * bc_block_stride + bc_out + t
                 tl.store(dC_ptr + bc_slot, tl.sum(g * states, axis=0), mask=mask_t)
                 tl.store(dB_ptr + bc_slot, tl.sum(dh * dt * u, axis=0), mask=mask_t)
             else:
-                tl.atomic_add(dC_ptr + bc_row + t, tl.sum(g * states, axis=0), mask=mask_t)
-                tl.atomic_add(dB_ptr + bc_row + t, tl.sum(dh * dt * u, axis=0), mask=mask_t)
+                tl.atomic_add(dC_ptr + bc_out + t, tl.sum(g * states, axis=0), mask=mask_t)
+                tl.atomic_add(dB_ptr + bc_out + t, tl.sum(dh * dt * u, axis=0), mask=mask_t)
             through_decay = dh * (states - drive)
             dA_acc += tl.sum(through_decay * dt, axis=1)
             dh_B = dh * Bt[None, :]
@@ -851,8 +853,10 @@ def _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype
     if n_chunks > 1:
         end_state = torch.empty(batch, channels, n_chunks, d_state, **f32)
         dt_sum = torch.empty(batch, channels, n_chunks, **f32)
+        # The chunk passes take B and C as their own contiguous tensors (no row-stride argument).
         _scan_chunk_state_kernel[grid](
-            u, delta, A, B, delta_bias if delta_bias is not None else A, end_state, dt_sum, *shape_args, *map_args,
+            u, delta, A, B.contiguous(), delta_bias if delta_bias is not None else A, end_state, dt_sum,
+            *shape_args, *map_args,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, MAP_IO=map_io, num_warps=num_warps)
         h_in = torch.empty_like(end_state)
@@ -912,8 +916,8 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, tile_state, dy, delta_softp
         end_grad = torch.empty(batch, channels, n_chunks, d_state, **f32)
         dt_sum = torch.empty(batch, channels, n_chunks, **f32)
         _scan_bwd_chunk_kernel[grid](
-            delta, A, C, delta_bias if delta_bias is not None else dummy, dy, end_grad, dt_sum, *shape_args,
-            *map_args[:2], *map_args[6:],
+            delta, A, C.contiguous(), delta_bias if delta_bias is not None else dummy, dy, end_grad, dt_sum,
+            *shape_args, *map_args[:2], *map_args[6:],
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, MAP_IO=map_io, num_warps=num_warps)
         dh_in = torch.empty_like(end_grad)
@@ -938,7 +942,8 @@ def _scan_backward(u, delta, A, B, C, D, delta_bias, tile_state, dy, delta_softp
     flags = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_INIT=n_chunks > 1,
                  SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=num_warps)
     if d_state == 1:
-        _scan_bwd_n1_kernel[grid](*args, *map_args, B.numel(), **flags, MAP_IO=map_io, PREFETCH=cfg.bwd_prefetch,
+        _scan_bwd_n1_kernel[grid](*args, *map_args, B.numel(), _bc_stride(B, C), **flags, MAP_IO=map_io,
+                                  PREFETCH=cfg.bwd_prefetch,
                                   BC_PARTIALS=bc_partials, **_register_cap(cfg.bwd_maxnreg))
     else:
         _scan_bwd_kernel[grid](*args, d_state, BLOCK_N=block_n, **flags)
@@ -1271,8 +1276,9 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
         plain = choose_scan_config(batch, routes, d_inner, 1, length, x.device, training=True, **launch)
         cfg = cfg._replace(bwd_block_d=plain.bwd_block_d, bwd_num_warps=plain.bwd_num_warps,
                            bwd_maxnreg=plain.bwd_maxnreg)
-    return _TritonCrossScanMerge.apply(x, delta.view(batch, routes * d_inner, length), A, Bs.contiguous(),
-                                       Cs.contiguous(), D, delta_bias, cfg, BACKWARD_READS_MAP)
+    # B and C stay views of the routed projections: the N = 1 kernels take their row stride.
+    return _TritonCrossScanMerge.apply(x, delta.view(batch, routes * d_inner, length), A, Bs, Cs, D, delta_bias,
+                                       cfg, BACKWARD_READS_MAP)
 
 
 # ----------------------------------------------------------------------------------------------
