@@ -33,17 +33,23 @@ CASES = {"224": (224, 8), "1024": (1024, 1)}
 PEERS = {"224": "convnext_tiny", "1024": "swin_t"}
 
 
-def _child(spec: dict) -> dict:
-    import resource
-    import statistics
-    import time
-
+def _start_child(spec: dict):
+    """A child's process setup: malloc tuning first (before large tensors exist), then threads."""
     if spec["malloc"]:
         from vmamba_cli.memory import tune_malloc
         tune_malloc()
     import torch
 
     torch.set_num_threads(spec["threads"])
+    return torch
+
+
+def _child(spec: dict) -> dict:
+    import resource
+    import statistics
+    import time
+
+    torch = _start_child(spec)
     name, res, batch = spec["model"], spec["res"], spec["batch"]
     model = _build(name, spec["backend"])
     x = torch.randn(batch, 3, res, res)
@@ -77,12 +83,7 @@ def _paired_child(spec: dict) -> dict:
     """Per-pair speed ratios vmamba / peer from single forwards alternating in one process."""
     import time
 
-    if spec["malloc"]:
-        from vmamba_cli.memory import tune_malloc
-        tune_malloc()
-    import torch
-
-    torch.set_num_threads(spec["threads"])
+    torch = _start_child(spec)
     models = [_build(spec["model"], spec["backend"]), _build(spec["peer"], None)]
     x = torch.randn(spec["batch"], 3, spec["res"], spec["res"])
     ratios = []
@@ -100,25 +101,26 @@ def _paired_child(spec: dict) -> dict:
     return {"ratios": ratios, "loadavg": os.getloadavg()}
 
 
+def _spawn(flag: str, spec: dict, what: str) -> dict:
+    """Run this script as a child with ``flag spec`` and return the JSON it prints last."""
+    proc = subprocess.run([sys.executable, __file__, flag, json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_paired(backend, case, args) -> dict:
     res, batch = CASES[case]
     spec = {"model": "vmamba-tiny", "backend": backend, "peer": PEERS[case], "res": res, "batch": batch,
             "pairs": args.paired, "threads": args.threads, "malloc": not args.no_malloc_tuning}
-    proc = subprocess.run([sys.executable, __file__, "--paired-child", json.dumps(spec)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        raise SystemExit(f"paired {case} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _spawn("--paired-child", spec, f"paired {case}")
 
 
 def run_case(model, backend, case, args) -> dict:
     res, batch = CASES[case]
     spec = {"model": model, "backend": backend, "res": res, "batch": batch, "repeat": args.repeat,
             "threads": args.threads, "malloc": not args.no_malloc_tuning}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{model} {case} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _spawn("--child", spec, f"{model} {case}")
 
 
 def main(argv=None):
@@ -143,12 +145,13 @@ def main(argv=None):
         print(json.dumps(_paired_child(json.loads(args.paired_child))))
         return
     if args.paired:
+        if args.paired < 2:
+            parser.error("--paired needs at least 2 pairs (quartiles)")
         rows = []
         for case in (CASES if args.case == "all" else [args.case]):
             for backend in args.backends.split(","):
                 result = run_paired(backend, case, args)
-                q1, median, q3 = statistics.quantiles(result["ratios"], n=4) if len(result["ratios"]) > 1 else (
-                    result["ratios"] * 3)
+                q1, median, q3 = statistics.quantiles(result["ratios"], n=4)
                 print(f"{case}: vmamba-tiny [{backend}] / {PEERS[case]} speed, {len(result['ratios'])} pairs in one "
                       f"process: median {median:.2f} (quartiles {q1:.2f}-{q3:.2f}; pairs "
                       + ", ".join(f"{r:.2f}" for r in result["ratios"])
