@@ -18,6 +18,9 @@ minutes, so a ratio of two rows taken back to back is steadier than one of two s
 ``--paired N`` goes further: one process holds both models and times N pairs of single forwards
 (order alternating within the pairs), so each ratio compares forwards seconds apart; it prints the
 median and quartiles of the per-pair ratios (speed only: peak memory needs separate processes).
+``--without-core`` (with ``--paired``) times a third forward per pair: vmamba-tiny with its SS2D
+core (cross-scan, x/dt projections, selective scan, cross-merge) replaced by the identity, i.e. what
+an infinitely fast scan would give. Its ratio to the peer bounds what scan-kernel work can reach.
 """
 
 from __future__ import annotations
@@ -79,26 +82,49 @@ def _build(name, backend):
     return getattr(torchvision.models, name)().eval()
 
 
+def _without_core(model):
+    """``model``'s forward with the SS2D core replaced by the identity (benchmark only)."""
+    from vmamba_cli import model as model_module
+
+    def forward(x):
+        real = model_module.cross_selective_scan
+        model_module.cross_selective_scan = lambda features, *args, **kwargs: features
+        try:
+            return model(x)
+        finally:
+            model_module.cross_selective_scan = real
+    return forward
+
+
 def _paired_child(spec: dict) -> dict:
     """Per-pair speed ratios vmamba / peer from single forwards alternating in one process."""
     import time
 
     torch = _start_child(spec)
-    models = [_build(spec["model"], spec["backend"]), _build(spec["peer"], None)]
+    vmamba = _build(spec["model"], spec["backend"])
+    models = [vmamba, _build(spec["peer"], None)]
+    if spec.get("without_core"):
+        models.append(_without_core(vmamba))
     x = torch.randn(spec["batch"], 3, spec["res"], spec["res"])
-    ratios = []
+    ratios, ratios_without_core = [], []
     with torch.inference_mode():
         for model in models:
             model(x)
             model(x)
+        order = list(range(len(models)))
         for pair in range(spec["pairs"]):
-            seconds = [0.0, 0.0]
-            for index in ((0, 1) if pair % 2 == 0 else (1, 0)):
+            seconds = [0.0] * len(models)
+            for index in (order if pair % 2 == 0 else order[::-1]):
                 t0 = time.perf_counter()
                 models[index](x)
                 seconds[index] = time.perf_counter() - t0
             ratios.append(seconds[1] / seconds[0])
-    return {"ratios": ratios, "loadavg": os.getloadavg()}
+            if len(models) == 3:
+                ratios_without_core.append(seconds[1] / seconds[2])
+    result = {"ratios": ratios, "loadavg": os.getloadavg()}
+    if ratios_without_core:
+        result["ratios_without_core"] = ratios_without_core
+    return result
 
 
 def _spawn(flag: str, spec: dict, what: str) -> dict:
@@ -112,7 +138,8 @@ def _spawn(flag: str, spec: dict, what: str) -> dict:
 def run_paired(backend, case, args) -> dict:
     res, batch = CASES[case]
     spec = {"model": "vmamba-tiny", "backend": backend, "peer": PEERS[case], "res": res, "batch": batch,
-            "pairs": args.paired, "threads": args.threads, "malloc": not args.no_malloc_tuning}
+            "pairs": args.paired, "threads": args.threads, "malloc": not args.no_malloc_tuning,
+            "without_core": args.without_core}
     return _spawn("--paired-child", spec, f"paired {case}")
 
 
@@ -133,6 +160,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="alternate the models this many times")
     parser.add_argument("--paired", type=int, default=0,
                         help="instead: N pairs of forwards of vmamba-tiny and the peer in one process")
+    parser.add_argument("--without-core", action="store_true",
+                        help="with --paired: also time vmamba-tiny with its SS2D core replaced by the identity")
     parser.add_argument("--no-malloc-tuning", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -144,6 +173,8 @@ def main(argv=None):
     if args.paired_child:
         print(json.dumps(_paired_child(json.loads(args.paired_child))))
         return
+    if args.without_core and not args.paired:
+        parser.error("--without-core needs --paired N")
     if args.paired:
         if args.paired < 2:
             parser.error("--paired needs at least 2 pairs (quartiles)")
@@ -156,6 +187,11 @@ def main(argv=None):
                       f"process: median {median:.2f} (quartiles {q1:.2f}-{q3:.2f}; pairs "
                       + ", ".join(f"{r:.2f}" for r in result["ratios"])
                       + f"); load {result['loadavg'][0]:.2f} (goal >= 1.0)", file=sys.stderr, flush=True)
+                if "ratios_without_core" in result:
+                    q1, median, q3 = statistics.quantiles(result["ratios_without_core"], n=4)
+                    print(f"{case}: vmamba-tiny without its SS2D core (identity) / {PEERS[case]} speed, same pairs: "
+                          f"median {median:.2f} (quartiles {q1:.2f}-{q3:.2f}): the most scan-kernel work could reach",
+                          file=sys.stderr, flush=True)
                 rows.append({"case": case, "backend": backend, **result})
         if args.json:
             print(json.dumps(rows, indent=1))
