@@ -204,6 +204,59 @@ def test_block_size_balances_few_tasks(threads, channels, batch, tasks, monkeypa
 
 
 @needs_native
+@pytest.mark.parametrize("route_groups", [1, 2, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,d_inner,height,width,d_state,block", [
+    (2, 20, 3, 5, 1, 8),     # several blocks, a partial last one
+    (1, 16, 9, 8, 1, 16),    # L = 72 > one backward chunk
+    (1, 8, 4, 3, 16, 8),     # N = 16
+])
+def test_fused_route_groups_match_reference(route_groups, threads, batch, d_inner, height, width, d_state, block,
+                                            monkeypatch):
+    """Directions split into 1, 2 or 4 task groups, each summing into its own slice of y / du."""
+    monkeypatch.setattr(scan_cpu, "_fused_tasks", lambda channels, n: (block, route_groups))
+    g = torch.Generator().manual_seed(route_groups)
+    inputs = dict(x=torch.randn(batch, d_inner, height, width, generator=g), **ss2d_params(d_inner, d_state, 2))
+    upstream = torch.randn(batch, d_inner, height, width, generator=g)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, grads = grads_of(scan_cpu.cross_selective_scan, inputs, upstream)
+        with torch.inference_mode():
+            y_inference = scan_cpu.cross_selective_scan(**inputs)
+    finally:
+        torch.set_num_threads(saved)
+    y_ref, grads_ref = grads_of(lambda **kw: compose_cross_selective_scan(**kw, backend="reference"), inputs, upstream)
+    assert_close_to_max(y, y_ref, name="y")
+    assert_close_to_max(y_inference, y_ref, name="y (inference)")
+    for name in grads:
+        assert_close_to_max(grads[name], grads_ref[name], name=f"d{name}")
+
+
+@needs_native
+def test_fused_kernel_rejects_route_groups_not_dividing_four(monkeypatch):
+    monkeypatch.setattr(scan_cpu, "_fused_tasks", lambda channels, n: (8, 3))
+    params = ss2d_params(8, 1, 2)
+    with pytest.raises(RuntimeError, match="inconsistent sizes"):
+        with torch.inference_mode():
+            scan_cpu.cross_selective_scan(torch.randn(1, 8, 2, 2), *params.values())
+
+
+@pytest.mark.parametrize("threads,channels,batch,expected", [
+    (2, 96, 1, (96, 2)),     # not two blocks of 48: one 96-wide block, directions in two groups
+    (2, 96, 8, (96, 1)),     # enough tasks already
+    (2, 192, 1, (96, 1)),    # two full-width blocks already
+    (1, 96, 1, (96, 1)),     # one thread: one task
+    (16, 96, 1, (24, 4)),    # many threads: four route groups of 4 blocks
+    (4, 96, 1, (96, 4)),     # four threads: one full-width block per direction
+    (2, 8, 1, (8, 1)),       # one vector: nothing wider to gain
+])
+def test_fused_tasks_split_directions_for_narrow_blocks(threads, channels, batch, expected, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert scan_cpu._fused_tasks(channels, batch) == expected
+
+
+@needs_native
 def test_fused_layouts_threads_and_no_grad():
     """Channels-last or contiguous input, 1 or 2 threads, inference mode: the same numbers."""
     g = torch.Generator().manual_seed(2)
@@ -237,6 +290,19 @@ def test_parameter_cache_follows_in_place_updates():
             assert_close_to_max(y, compose_cross_selective_scan(x, *params.values(), backend="reference"))
             params["A_logs"].add_(0.5)
             params["dt_projs_weight"].mul_(-1.5)
+
+
+@needs_native
+def test_parameters_created_under_inference_mode():
+    """Inference tensors have no version counter: nothing is cached, updates are still seen."""
+    g = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        x = torch.randn(1, 8, 4, 3, generator=g)
+        params = ss2d_params(8, 1, 2)
+        for _ in range(2):
+            y = scan_cpu.cross_selective_scan(x, *params.values())
+            assert_close_to_max(y, compose_cross_selective_scan(x, *params.values(), backend="reference"))
+            params["A_logs"].add_(0.5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@
 //          Nothing of shape (B, 4, Di, L) is ever built.
 //   plain  selective_scan on (B, L, K*D) rows with delta given (one group = one direction).
 // Threads take (batch, [group,] channel block) tasks; a fused task runs all four directions in
-// turn, so it alone owns its output channels (no atomics, no per-direction copies).
+// turn, so it alone owns its output channels (no atomics, no per-direction copies). When that
+// leaves too few tasks for wide channel blocks (batch 1, few channels), the directions are split
+// into two or four route groups, each summing into its own slice of y; the caller adds the slices.
 //
 // Backward: the forward saves the state entering every `chunk` steps; the backward recomputes
 // each chunk from its saved state (keeping the chunk's states in a small scratch buffer) and
@@ -171,7 +173,9 @@ struct Problem {
   int64_t d_state, rank;   // N, R (plain: R = 0)
   int64_t block;           // channels per task (multiple of kLanes)
   int64_t chunk;           // steps between saved states
-  int32_t fused, softplus, num_threads, reserved;
+  int32_t fused, softplus, num_threads;
+  int32_t route_groups;     // fused: directions split into this many task groups (1, 2 or 4), each
+                            // summing into its own (B, L, C) slice of y (forward) / du (backward)
   const float *u, *delta, *proj, *wdt, *bias, *A, *D, *grad_y, *states_in;
   float *y, *states, *du, *ddelta, *red, *dwdt, *dbias, *dA, *dD;
 };
@@ -552,8 +556,10 @@ std::vector<int32_t> build_routes(int64_t H, int64_t W) {
   return routes;
 }
 
-// Pointers of one (batch b, group k, channel block j) pass.
-Run make_run(const Problem& P, const int32_t* routes, int64_t b, int64_t k, int64_t j, bool backward) {
+// Pointers of one (batch b, group k, channel block j) pass; a fused pass writes y / du slice
+// `slice` and adds into it unless it is the first direction there (`accumulate`).
+Run make_run(const Problem& P, const int32_t* routes, int64_t b, int64_t k, int64_t j, bool backward,
+             int64_t slice = 0, bool accumulate = false) {
   const int64_t L = P.length, C = P.channels, G = P.groups, Dg = P.group_channels, N = P.d_state;
   const int64_t R = P.fused ? P.rank : 0;
   const int64_t width = R + 2 * N;                      // proj floats per (pixel, group)
@@ -569,7 +575,8 @@ Run make_run(const Problem& P, const int32_t* routes, int64_t b, int64_t k, int6
   r.R = int(R);
   r.chunk = int(P.chunk);
   r.softplus = P.softplus != 0;
-  r.accumulate = P.fused && k > 0;
+  r.accumulate = accumulate;
+  const int64_t slice_offset = slice * P.batch * L * C;
   r.route = P.fused ? routes + k * L : nullptr;
   r.row = C;
   r.prow = G * width;
@@ -586,12 +593,12 @@ Run make_run(const Problem& P, const int32_t* routes, int64_t b, int64_t k, int6
   r.state_chunk = N * Dg;
   const int64_t state_base = (b * G + k) * n_chunks * N * Dg + c0;
   if (!backward) {
-    r.y = P.y + b * L * C + col;
+    r.y = P.y + slice_offset + b * L * C + col;
     r.states = P.states ? P.states + state_base : nullptr;
   } else {
     r.states_in = P.states_in + state_base;
     r.g = P.grad_y + b * L * C + col;
-    r.du = P.du + b * L * C + col;
+    r.du = P.du + slice_offset + b * L * C + col;
     r.ddelta = P.ddelta ? P.ddelta + b * L * C + col : nullptr;
     r.red = P.red + (b * nblk + j) * L * G * width + k * width;
     r.dwdt = P.dwdt ? P.dwdt + (b * G + k) * R * Dg + c0 : nullptr;
@@ -628,8 +635,12 @@ int run_problem(const Problem* P) {
     routes = build_routes(P->height, P->width);
   }
   const int64_t nblk = (P->group_channels + P->block - 1) / P->block;
-  // A fused task runs all four directions of its channels (it alone writes them).
-  const int64_t per_batch = P->fused ? nblk : P->groups * nblk;
+  // A fused task runs the directions of its route group over its channels and alone writes them
+  // in its slice of y / du (one group: all four directions, one slice).
+  const int64_t route_groups = P->fused && P->route_groups > 1 ? P->route_groups : 1;
+  if (4 % route_groups) return 2;
+  const int64_t per_group = 4 / route_groups;
+  const int64_t per_batch = P->fused ? nblk * route_groups : P->groups * nblk;
   const int64_t tasks = P->batch * per_batch;
   const int threads = P->num_threads > 0 ? P->num_threads : 1;
   int status = 0;
@@ -647,8 +658,10 @@ int run_problem(const Problem* P) {
       try {
         const int64_t b = t / per_batch, rest = t % per_batch;
         if (P->fused) {
-          for (int64_t k = 0; k < 4; ++k)
-            dispatch<kBackward>(make_run(*P, routes.data(), b, k, rest, kBackward), true, scratch);
+          const int64_t slice = rest / nblk, j = rest % nblk;
+          for (int64_t k = slice * per_group; k < (slice + 1) * per_group; ++k)
+            dispatch<kBackward>(make_run(*P, routes.data(), b, k, j, kBackward, slice, k > slice * per_group),
+                                true, scratch);
         } else {
           dispatch<kBackward>(make_run(*P, nullptr, b, rest / nblk, rest % nblk, kBackward), false, scratch);
         }
