@@ -278,3 +278,23 @@ def test_gelu_on_channels_last_maps():
     torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-6)
     plain = torch.randn(3, 7)
     torch.testing.assert_close(GELU()(plain), torch.nn.functional.gelu(plain))
+
+
+@pytest.mark.parametrize("family", ["v0", "v2"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_model_converted_to_half_precision(family, dtype, tolerance):
+    """model.to(bf16 / fp16) runs on CPU (the scan's float32 output meets a half-precision norm)
+    and predicts what the float32 model does, within that precision."""
+    model = _perturbed(_small(family, family == "v2"))
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        expected = model(x)
+        half = model.to(dtype)
+        out = half(x.to(dtype))
+    assert out.dtype == dtype
+    scale = expected.abs().max()
+    assert (out.float() - expected).abs().max() <= tolerance * scale
+    model.set_scan_backend("torch")
+    with torch.no_grad():
+        torch_backend = half(x.to(dtype))
+    assert (torch_backend.float() - expected).abs().max() <= tolerance * scale

@@ -383,7 +383,9 @@ class SS2D(nn.Module):
                                  self.A_logs, self.Ds, backend=self.scan_backend)
         if not self.layout.channels_first:
             y = y.permute(0, 2, 3, 1)
-        y = self.out_norm(y)
+        # The scan returns float32; a model converted to bf16 / fp16 as a whole (model.to(dtype))
+        # has a norm of that dtype, and F.layer_norm refuses mixed dtypes.
+        y = self.out_norm(y.to(self.out_norm.weight.dtype))
         if self.gated:
             y = y * F.silu(z)
         return self.dropout(self.out_proj(y.to(x.dtype)))
