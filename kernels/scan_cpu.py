@@ -53,6 +53,8 @@ _FLAG_SETS = (
 )
 # Channels per task at most (keeps a task's states and chunk scratch in L2).
 _MAX_BLOCK = 128
+# Channels in one full group of the kernel's interleaved vectors (kGroup x kLanes in scan_cpu.cpp).
+_FULL_GROUP = 64
 
 
 class _Problem(ctypes.Structure):
@@ -248,7 +250,7 @@ def _fused_tasks(channels: int, batch: int) -> tuple[int, int]:
     """
     block, groups = _block_size(channels, batch), 1
     for more_groups in (2, NUM_DIRECTIONS):
-        if block >= 64:
+        if block >= _FULL_GROUP:
             break
         wider = _block_size(channels, batch * more_groups)
         if wider > block:
