@@ -18,7 +18,8 @@ import collections
 import statistics
 import time
 
-CASES = {"224": (224, 8, "convnext_tiny"), "1024": (1024, 1, "swin_t")}
+from bench_e2e_cpu import CASES, PEERS, _build, _start_child  # same cases, setup and models
+
 PARTS = ("linear layers", "convolutions", "GELU", "LayerNorm", "SS2D core", "rest", "total")
 
 
@@ -36,18 +37,13 @@ def _part(module, nn):
 
 def breakdown(case: str = "224", forwards: int = 8, threads: int = 2) -> dict:
     """Median milliseconds per part for vmamba-tiny and the case's peer."""
-    import torch
+    torch = _start_child({"malloc": True, "threads": threads})
     import torch.nn as nn
-    import torchvision
 
     from vmamba_cli import model as model_module
-    from vmamba_cli.memory import tune_malloc
 
-    tune_malloc()
-    torch.set_num_threads(threads)
-    res, batch, peer = CASES[case]
-    models = {"vmamba-tiny": model_module.create_model("vmamba-tiny").eval(),
-              peer: getattr(torchvision.models, peer)().eval()}
+    (res, batch), peer = CASES[case], PEERS[case]
+    models = {"vmamba-tiny": _build("vmamba-tiny", "auto"), peer: _build(peer, None)}
     spent = collections.defaultdict(float)
     started = {}
 
@@ -106,7 +102,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = breakdown(args.case, args.forwards, args.threads)
     names = list(result)
-    res, batch, _ = CASES[args.case]
+    res, batch = CASES[args.case]
     print(f"# median ms per forward, {res}x{res} batch {batch}, {args.threads} threads, {args.forwards} forwards each")
     print(f"{'part':16s}" + "".join(f"{name:>16s}" for name in names))
     for part in PARTS:
