@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import torch
 
 from vmamba_cli.data import ImageError, eval_transform, find_images, load_image
-from vmamba_cli.device import select_device
+from vmamba_cli.runtime import select_device
 
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
