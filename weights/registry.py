@@ -2,7 +2,7 @@
 
 One ``WeightsEntry`` per released model of ``vmamba_cli.model.MODELS`` (read on every call, so the
 registry never disagrees with the model list). Files are cached in ``$VMAMBA_HOME/checkpoints``
-(default ``~/.cache/vmamba/checkpoints``) under their release file name; ``sha256.json`` beside them
+(default ``~/.cache/vmamba/checkpoints``; ``vmamba_cli.kernels.cache.cache_root``) under their release file name; ``sha256.json`` beside them
 records each file's hash when it first arrives and every later use checks it.
 
 ``resolve`` is how ``load_model`` (weights/model_io.py) reads a ``weights`` argument that is not a
@@ -13,23 +13,21 @@ or an http(s) URL becomes a cached local path.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from .download import DownloadError, NetworkError, Sha256Store, download_file, sha256_of
 from vmamba_cli.errors import UnknownModelError
+from vmamba_cli.kernels.cache import cache_root
 from vmamba_cli.model import MODELS, VSSM, resolve_model_name
 
+from .download import DownloadError, NetworkError, Sha256Store, download_file, sha256_of
 from .loading import CheckpointError, check_state_dict, checkpoint_filter_fn, read_state_dict
 
 if TYPE_CHECKING:
     from vmamba_cli.model import VMambaConfig
 
-HOME_ENV = "VMAMBA_HOME"
-DEFAULT_HOME = "~/.cache/vmamba"
 HASHES_FILE = "sha256.json"
 
 
@@ -51,7 +49,8 @@ class WeightsEntry:
 
 
 def home_dir() -> Path:
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
+    """The package's cache root (``vmamba_cli.kernels.cache.cache_root``: ``$VMAMBA_HOME``)."""
+    return cache_root()
 
 
 def cache_dir() -> Path:
