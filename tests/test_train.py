@@ -353,6 +353,8 @@ def test_cli_finetunes_from_pretrained_on_an_image_folder(tmp_path):
         assert (run / name).exists(), name
     loaded = load_model(None, run / "last.safetensors")
     assert loaded.class_names == ["cat", "dog", "eel"] and loaded.model.config.num_classes == 3
+    # The checkpoint records its preprocessing, so predict / eval use 16 px without flags.
+    assert (loaded.preprocess.input_size, loaded.preprocess.crop_pct) == (16, 0.875)
     # The backbone started from the pretrained weights (not a fresh init): the stem moved only by training.
     stem_before = source.state_dict()["patch_embed.0.weight"]
     stem_after = loaded.model.state_dict()["patch_embed.0.weight"]

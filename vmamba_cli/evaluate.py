@@ -28,18 +28,13 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from vmamba_cli.data import DEFAULT_CROP_PCT, IMAGE_EXTENSIONS, ImageError, eval_transform, load_image
+from vmamba_cli.data import IMAGE_EXTENSIONS, Preprocess, eval_transform, find_images, load_image
+from vmamba_cli.errors import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EXIT_USAGE, DataError, ImageError,  # noqa: F401
+                               InputError)
 from vmamba_cli.metrics import TOPK, TopKAccumulator
 from vmamba_cli.runtime import Dist, amp_name, autocast, process_group, resolve_amp
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
-DEFAULT_RESOLUTION = 224
-
-# Exit statuses of `vmamba eval` (documented in docs/eval.md).
-EXIT_OK = 0
-EXIT_ERROR = 1            # nothing evaluated: bad weights, folder, class mismatch, device
-EXIT_USAGE = 2            # bad command line (Typer/Click)
-EXIT_IMAGE_FAILURES = 3   # evaluation finished, but some images could not be read
 
 
 @lru_cache(maxsize=1)
@@ -71,12 +66,12 @@ class ClassMapping:
 def class_folders(data_dir: str | os.PathLike) -> list[str]:
     root = Path(data_dir)
     if not root.exists():
-        raise ValueError(f"{root}: no such folder")
+        raise DataError(f"{root}: no such folder")
     if not root.is_dir():
-        raise ValueError(f"{root}: not a folder (expected one sub-folder per class)")
+        raise DataError(f"{root}: not a folder (expected one sub-folder per class)")
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not folders:
-        raise ValueError(f"{root}: no class sub-folders (expected one sub-folder per class)")
+        raise DataError(f"{root}: no class sub-folders (expected one sub-folder per class)")
     return folders
 
 
@@ -100,7 +95,7 @@ def map_classes(data_dir: str | os.PathLike, num_classes: int,
     hint = (" (the folders are ImageNet WordNet ids, which need a 1000-class head)" if is_imagenet else
             " (folders map to classes in sorted order unless they are ImageNet WordNet ids or match "
             "the checkpoint's class names)")
-    raise ValueError(f"{Path(data_dir)}: {len(folders)} class folders but the model head has "
+    raise DataError(f"{Path(data_dir)}: {len(folders)} class folders but the model head has "
                      f"{num_classes} classes{hint}")
 
 
@@ -117,19 +112,12 @@ def scan_image_folder(data_dir: str | os.PathLike, mapping: ClassMapping) -> Fol
     samples: list[tuple[str, int]] = []
     ignored = 0
     for folder, index in zip(mapping.folders, mapping.indices):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append(os.path.join(dirpath, name))
-                else:
-                    ignored += 1
-        samples.extend((path, index) for path in sorted(found))
+        # An empty class folder only adds no samples (its "contains no images" is not an error here).
+        scan = find_images([root / folder])
+        samples.extend((str(path), index) for path in scan.files)
+        ignored += scan.ignored
     if not samples:
-        raise ValueError(f"{root}: no images in its class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root}: no images in its class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return FolderScan(samples, ignored)
 
 
@@ -329,20 +317,20 @@ def evaluate(
 
     ``model`` is a registered name (built with ``vmamba_cli.weights.load_model(model, weights, ema=ema)``)
     or an ``nn.Module`` (then ``weights`` is ignored and ``class_names`` may name its classes).
-    ``resolution`` / ``crop_pct`` left at None take the preprocessing a checkpoint of ``vmamba train``
-    records, else the model's preset. ``amp`` is an ``--amp`` value (``vmamba_cli.runtime.resolve_amp``).
+    ``resolution`` / ``crop_pct`` left at None take the model's preset (docs/design.md §10): the one a
+    checkpoint records (e.g. the input size a model was trained at), else the registered model's. ``amp`` is an ``--amp`` value (``vmamba_cli.runtime.resolve_amp``).
     ``distributed=None`` joins a torch.distributed group when launched by torchrun (``WORLD_SIZE`` > 1):
     gloo on CPU, nccl on CUDA. Every process returns the same totals; ``result.is_main_process`` says
     which one should print and write files. ``limit`` keeps the first N images (folder order).
     """
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
     if resolution is not None and resolution < 1:
-        raise ValueError(f"resolution must be positive, got {resolution}")
+        raise InputError(f"resolution must be positive, got {resolution}")
     if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+        raise InputError(f"limit must be at least 1, got {limit}")
 
     with process_group(device, distributed=distributed) as dist:
         return _evaluate(data_dir, model, weights, ema=ema, class_names=class_names, resolution=resolution,
@@ -351,36 +339,26 @@ def evaluate(
                          progress=progress)
 
 
-def _preprocessing(metadata: dict[str, Any], resolution: int | None, crop_pct: float | None) -> tuple[int, float]:
-    """The user's values, else those a training checkpoint records, else the ImageNet defaults."""
-    if resolution is None:
-        resolution = int(metadata.get("image_size") or DEFAULT_RESOLUTION)
-    if crop_pct is None:
-        crop_pct = float(metadata.get("eval_crop_pct") or DEFAULT_CROP_PCT)
-    return resolution, crop_pct
-
-
 def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pct, dist: Dist, batch_size, workers,
               amp_dtype, limit, predictions, progress) -> EvalResult:
     dev, rank, world_size = dist.device, dist.rank, dist.world_size
-    metadata: dict[str, Any] = {}
     if isinstance(model, torch.nn.Module):
-        net, model_name, source = model, type(model).__name__, None
+        net, model_name, source, preset = model, type(model).__name__, None, Preprocess()
         names = list(class_names) if class_names is not None else None
     else:
         from vmamba_cli.weights import load_model
 
         loaded = load_model(model, weights, ema=ema)
-        net, model_name, source, metadata = loaded.model, loaded.name, loaded.source, loaded.metadata
+        net, model_name, source, preset = loaded.model, loaded.name, loaded.source, loaded.preprocess
         names = list(class_names) if class_names is not None else loaded.class_names
-    resolution, crop_pct = _preprocessing(metadata, resolution, crop_pct)
+    preset = preset.with_overrides(input_size=resolution, crop_pct=crop_pct)
     num_classes = _num_classes(net)
     mapping = map_classes(data_dir, num_classes, names)
     scan = scan_image_folder(data_dir, mapping)
     samples = scan.samples[:limit] if limit else scan.samples
 
     # Shard by stride, without padding: each image lands on exactly one process.
-    dataset = EvalImageDataset(samples, eval_transform(resolution, crop_pct),
+    dataset = EvalImageDataset(samples, eval_transform(preset),
                                indices=range(rank, len(samples), world_size))
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // world_size - 1))
@@ -438,7 +416,7 @@ def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pc
         model=model_name, weights=source, data_dir=str(data_dir), class_mapping=mapping.kind,
         num_classes=num_classes, num_class_folders=len(mapping.folders), num_images=totals.count,
         num_failed=len(failures), correct_top1=totals.correct_top1, correct_top5=totals.correct_topk,
-        top5_k=totals.k, loss_sum=totals.loss_sum, wall_time_s=wall, resolution=resolution, crop_pct=crop_pct,
+        top5_k=totals.k, loss_sum=totals.loss_sum, wall_time_s=wall, resolution=preset.input_size, crop_pct=preset.crop_pct,
         device=str(dev), batch_size=batch_size, world_size=world_size,
         amp=amp_name(amp_dtype) if amp_dtype is not None else None, ema=ema, ignored_files=scan.ignored,
         num_nonfinite=totals.nonfinite, failures=failure_list, predictions=prediction_list,
@@ -454,7 +432,7 @@ def _num_classes(net: torch.nn.Module) -> int:
     config = getattr(net, "config", None)
     n = getattr(config, "num_classes", None) or getattr(net, "num_classes", None)
     if not n:
-        raise ValueError("the model has no classifier head (num_classes is 0)")
+        raise InputError("the model has no classifier head (num_classes is 0)")
     return int(n)
 
 

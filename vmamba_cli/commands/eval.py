@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from vmamba_cli.commands._common import console, fail, print_json, user_errors
+from vmamba_cli.errors import EXIT_ERROR
 from vmamba_cli.runtime import AMP_HELP
 
 MAX_FAILURES_SHOWN = 20
@@ -83,9 +84,9 @@ def register(app: typer.Typer) -> None:
         Exit status: 0 all images evaluated; 1 error (bad weights, folder or classes; nothing evaluated);
         2 bad command line; 3 finished, but some images could not be read (listed in the summary and JSON).
         """
+        from vmamba_cli.errors import VMambaError
         from vmamba_cli.evaluate import evaluate
         from vmamba_cli.runtime import process_group
-        from vmamba_cli.weights import CheckpointError
 
         with contextlib.ExitStack() as stack:
             with user_errors():
@@ -96,10 +97,11 @@ def register(app: typer.Typer) -> None:
                     device=device, batch_size=batch_size, workers=workers, amp=amp,
                     limit=limit, predictions=predictions is not None, progress=sys.stderr.isatty(),
                 )
-            except (CheckpointError, KeyError, ValueError, FileNotFoundError) as exc:
-                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            except VMambaError:
+                raise  # reported once by the CLI (vmamba_cli/cli.py), from rank 0 only
+            except (ValueError, FileNotFoundError) as exc:
                 # Every process meets the same bad input: one of them says so.
-                raise (fail(message) if dist.is_main else typer.Exit(1)) from None
+                raise (fail(str(exc)) if dist.is_main else typer.Exit(EXIT_ERROR)) from None
             if result.is_main_process:
                 write_outputs(result, output, predictions)
                 print_summary(result)

@@ -6,12 +6,12 @@ samplers), ``schedule`` (LR schedule, weight-decay groups, EMA), ``architecture`
 summary.json, curves.png), ``stop`` (Ctrl-C handling, step hooks) and ``loop`` (the Trainer).
 """
 
+from vmamba_cli.errors import DataError, ResumeError, TrainingDiverged
 from vmamba_cli.train.artifacts import plot_curves, read_metrics
 from vmamba_cli.train.config import (TrainConfig, apply_overrides, config_to_json, load_config, parse_assignment,
                                      read_config_file)
-from vmamba_cli.train.data import DataError
-from vmamba_cli.train.loop import Trainer, TrainingDiverged, train
-from vmamba_cli.train.state import STATE_FILE, ResumeError, config_for_resume, find_state, read_state
+from vmamba_cli.train.loop import Trainer, train
+from vmamba_cli.train.state import STATE_FILE, config_for_resume, find_state, read_state
 from vmamba_cli.train.stop import StepInfo
 
 __all__ = ["STATE_FILE", "DataError", "ResumeError", "StepInfo", "TrainConfig", "Trainer", "TrainingDiverged",

@@ -31,21 +31,19 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+from vmamba_cli.data import Preprocess, eval_transform
+from vmamba_cli.errors import TrainingDiverged
 from vmamba_cli.metrics import TopKAccumulator
 from vmamba_cli.runtime import Dist, autocast, process_group, resolve_amp
 from vmamba_cli.train import artifacts
 from vmamba_cli.train.architecture import build_model, model_label
 from vmamba_cli.train.config import TrainConfig
 from vmamba_cli.train.data import (MixupCutmix, ResumableDistributedSampler, ShardSampler, build_datasets,
-                                   eval_transform, soft_target_cross_entropy, steps_per_epoch, train_transform)
+                                   soft_target_cross_entropy, steps_per_epoch, train_transform)
 from vmamba_cli.train.schedule import ModelEma, WarmupCosineSchedule, scale_lr, weight_decay_groups
 from vmamba_cli.train.state import (STATE_FILE, RunProgress, capture_rng, load_resumable_state, restore_rng,
                                     seed_everything, write_state)
 from vmamba_cli.train.stop import StepInfo, StopRequest
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or gradient norm) became NaN/inf; the message says where and which checkpoint is good."""
 
 
 def _log_stderr(message: str) -> None:
@@ -121,8 +119,10 @@ class Trainer:
                 randaugment=c.randaugment, randaugment_ops=c.randaugment_ops,
                 randaugment_magnitude=c.randaugment_magnitude, random_erasing=c.random_erasing,
                 interpolation=c.interpolation),
-            eval_transform_fn=lambda crop_pct: eval_transform(c.image_size, crop_pct, c.interpolation),
+            eval_transform_fn=lambda crop_pct: eval_transform(self._preprocess(crop_pct)),
             val_fraction=c.val_fraction, split_seed=c.split_seed, subset=c.subset, crop_pct=c.eval_crop_pct)
+        # What predict / eval should do with this run's checkpoints (the held-out evaluation's preset).
+        self.preprocess = self._preprocess(self.data.eval_crop_pct)
         self.class_names = list(self.data.class_names)
         self.num_classes = c.num_classes or len(self.class_names)
         if self.num_classes < len(self.class_names):
@@ -177,6 +177,9 @@ class Trainer:
         if resume_state is not None:
             self._restore(resume_state)
 
+    def _preprocess(self, crop_pct: float) -> Preprocess:
+        return Preprocess(input_size=self.config.image_size, crop_pct=crop_pct, interpolation=self.config.interpolation)
+
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if not self.dist.enabled:
             return model
@@ -203,12 +206,10 @@ class Trainer:
     def _save_weights(self, path: Path, extra: dict[str, Any]) -> None:
         from vmamba_cli.weights import save_model
 
-        c = self.config
-        metadata = {"source": "vmamba train", "epoch": self.progress.epoch, "image_size": c.image_size,
-                    "eval_crop_pct": self.data.eval_crop_pct, "data": self.data.description,
+        metadata = {"source": "vmamba train", "epoch": self.progress.epoch, "data": self.data.description,
                     "run": str(self.run_dir), **extra}
-        save_model(path, self.model, name=self.model_name, class_names=self.class_names, extra=metadata,
-                   state_dict=self._weights_state())
+        save_model(path, self.model, name=self.model_name, class_names=self.class_names, preprocess=self.preprocess,
+                   extra=metadata, state_dict=self._weights_state())
 
     def _save_state(self, rng_all: list[dict]) -> None:
         write_state(self.run_dir / STATE_FILE, {

@@ -18,14 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vmamba_cli.errors import ResumeError
 from vmamba_cli.train.config import RESUME_CHANGEABLE, TrainConfig, apply_overrides
 
 STATE_FILE = "last.state.safetensors"
 STATE_FORMAT = "vmamba-train-state"
-
-
-class ResumeError(ValueError):
-    """A run folder or state file that cannot be continued with the given settings."""
 
 
 # -- position in the run -------------------------------------------------------------------------
