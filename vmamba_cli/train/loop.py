@@ -41,8 +41,8 @@ from vmamba_cli.train.config import TrainConfig
 from vmamba_cli.train.data import (MixupCutmix, ResumableDistributedSampler, ShardSampler, build_datasets,
                                    soft_target_cross_entropy, steps_per_epoch, train_transform)
 from vmamba_cli.train.schedule import ModelEma, WarmupCosineSchedule, scale_lr, weight_decay_groups
-from vmamba_cli.train.state import (STATE_FILE, RunProgress, capture_rng, load_resumable_state, restore_rng,
-                                    seed_everything, write_state)
+from vmamba_cli.train.checkpoints import RunCheckpoints
+from vmamba_cli.train.state import RunProgress, load_resumable_state, seed_everything
 from vmamba_cli.train.stop import StepInfo, StopRequest
 
 
@@ -173,9 +173,10 @@ class Trainer:
             num_classes=self.num_classes, world_size=dist.world_size, effective_batch=self.effective_batch,
             device=str(self.device), epochs=c.epochs)
         self.stop = StopRequest(self.log)
-        self.progress = RunProgress()
-        if resume_state is not None:
-            self._restore(resume_state)
+        self.checkpoints = RunCheckpoints(
+            self.run_dir, c, dist, self.model, self.ema, self.optimizer, self.schedule, self.scaler,
+            self.model_name, self.class_names, self.preprocess, self.data.description)
+        self.progress = self.checkpoints.restore(resume_state, self.log) if resume_state is not None else RunProgress()
 
     def _preprocess(self, crop_pct: float) -> Preprocess:
         return Preprocess(input_size=self.config.image_size, crop_pct=crop_pct, interpolation=self.config.interpolation)
@@ -195,73 +196,6 @@ class Trainer:
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=self.config.workers, drop_last=drop_last,
             pin_memory=self.device.type == "cuda", generator=generator, persistent_workers=False)
-
-    # -- checkpoints ----------------------------------------------------------------------------------
-    def _weights_state(self) -> dict[str, torch.Tensor]:
-        state = dict(self.model.state_dict())
-        if self.ema is not None:
-            state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        return state
-
-    def _save_weights(self, path: Path, extra: dict[str, Any]) -> None:
-        from vmamba_cli.weights import save_model
-
-        metadata = {"source": "vmamba train", "epoch": self.progress.epoch, "data": self.data.description,
-                    "run": str(self.run_dir), **extra}
-        save_model(path, self.model, name=self.model_name, class_names=self.class_names, preprocess=self.preprocess,
-                   extra=metadata, state_dict=self._weights_state())
-
-    def _save_state(self, rng_all: list[dict]) -> None:
-        write_state(self.run_dir / STATE_FILE, {
-            "config": self.config.to_dict(),
-            "arch": self.model.config.to_dict(),
-            **self.progress.to_state(self.dist.world_size),
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_all,
-            "class_names": self.class_names,
-            "model_name": self.model_name,
-        })
-
-    def _checkpoint(self, *, best: bool, top1: float | None) -> None:
-        """Every rank's RNG state goes into the state file; rank 0 writes (state first, then weights)."""
-        rng_all = self.dist.all_gather(capture_rng(self.device))
-        if self.dist.is_main:
-            self._save_state(rng_all)
-            mid_epoch_step = self.progress.batches_done // self.config.accum_steps or None
-            self._save_weights(self.run_dir / "last.safetensors", {"top1": top1, "mid_epoch_step": mid_epoch_step})
-            if best:
-                self._save_weights(self.run_dir / "best.safetensors", {"top1": top1})
-        self.dist.barrier()
-
-    def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"], strict=True)
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        p = self.progress = RunProgress.from_state(state)
-        saved_world = int(state["position"]["world_size"])
-        if saved_world != self.dist.world_size:
-            # Another partition of the data: restart the epoch that was in progress.
-            self.log(f"resuming with {self.dist.world_size} processes instead of {saved_world}: "
-                     f"epoch {p.epoch + 1} restarts from its beginning (not bit-exact)")
-            p.global_step -= p.batches_done // self.config.accum_steps
-            self.schedule.load_state_dict({"step_index": p.global_step})
-            p.batches_done, p.totals = 0, RunProgress().totals
-            seed_everything(self.config.seed + self.dist.rank + 1_000_003 * p.epoch)
-        else:
-            restore_rng(state["rng"][self.dist.rank], self.device)
-        if self.dist.is_main:
-            artifacts.keep_metrics_through(self.run_dir, p.epoch)
-        where = (f"epoch {p.epoch + 1}, step {p.batches_done // self.config.accum_steps}" if p.batches_done
-                 else f"the end of epoch {p.epoch}")
-        self.log(f"resuming {self.run_dir} from {where}")
 
     # -- files for people -------------------------------------------------------------------------------
     def _resolved(self) -> dict[str, Any]:
@@ -306,14 +240,14 @@ class Trainer:
                 if not self._train_epoch():
                     return self._interrupted()
                 self._end_epoch()
-        hashes = self.dist.all_gather(artifacts.weights_hash(self._weights_state()))
+        hashes = self.dist.all_gather(artifacts.weights_hash(self.checkpoints.weights_state()))
         summary = self._summary("completed", hashes=hashes)
         self._finish(summary)
         return summary
 
     def _interrupted(self) -> dict[str, Any]:
         p = self.progress
-        self._checkpoint(best=False, top1=None)
+        self.checkpoints.save(p, best=False, top1=None)
         where = f"epoch {p.epoch + 1} step {p.batches_done // self.config.accum_steps}"
         message = (f"stopped at {where}; checkpoint saved in {self.run_dir} "
                    f"(continue with: vmamba train --resume {self.run_dir})")
@@ -443,7 +377,7 @@ class Trainer:
             p.best = {"top1": record["top1"], "epoch": p.epoch}
         if self.dist.is_main:
             artifacts.append_metrics(self.run_dir, record)
-        self._checkpoint(best=is_best, top1=record["top1"])
+        self.checkpoints.save(p, best=is_best, top1=record["top1"])
         ema = f", EMA {record['ema_top1']:.2f}" if ema_metrics else ""
         self.log(f"epoch {p.epoch}/{c.epochs}: loss {record['train_loss']:.4f}, held-out top-1 "
                  f"{record['top1']:.2f}% top-5 {record['top5']:.2f}%{ema}, lr {record['lr']:.3g}, "
