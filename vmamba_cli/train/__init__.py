@@ -3,8 +3,8 @@
 Modules by concern: ``config`` (settings and TOML presets), ``data`` (datasets, augmentation,
 samplers), ``schedule`` (LR schedule, weight-decay groups, EMA), ``architecture`` (the network),
 ``state`` (position, RNG states, the state file, resume), ``checkpoints`` (what a run saves and
-restores), ``artifacts`` (config.json, metrics.jsonl,
-summary.json, curves.png), ``stop`` (Ctrl-C handling, step hooks) and ``loop`` (the Trainer).
+restores), ``artifacts`` (config.json, metrics.jsonl, summary.json, curves.png), ``stop`` (Ctrl-C
+handling, step hooks) and ``loop`` (the Trainer).
 """
 
 from vmamba_cli.errors import DataError, ResumeError, TrainingDiverged
