@@ -93,7 +93,10 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
             stored = metadata.get("model", "custom")
             if name and stored not in ("custom", name):
                 raise CheckpointError(path, f"holds {stored} weights, not {name}")
-            net = VSSM(VMambaConfig.from_dict(metadata["config"]))
+            try:
+                net = VSSM(VMambaConfig.from_dict(metadata["config"]))
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise CheckpointError(path, f"bad model config in its metadata ({' '.join(str(exc).split())})") from None
             name = stored
         else:
             name = name or model_for_file(path.name) or resolve_model_name(DEFAULT_MODEL)
