@@ -53,7 +53,7 @@ def test_select_device():
     import pytest
     import torch
 
-    from vmamba_cli.device import select_device
+    from vmamba_cli.runtime import select_device
 
     assert select_device(torch.device("cpu")) == torch.device("cpu")
     assert select_device("cpu") == torch.device("cpu")

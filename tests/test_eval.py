@@ -283,3 +283,15 @@ def test_nan_logits_are_counted_and_never_correct(digits):
     doc = result.to_dict()
     assert doc["loss"] is None and doc["num_nonfinite"] == 6
     json.dumps(doc, allow_nan=False)  # a valid JSON document, no NaN literal
+
+
+def test_preprocessing_recorded_by_training_is_used_unless_given(digits, tmp_path):
+    data, samples, model, _ = digits
+    # What `vmamba train` records: the training size and the crop of its held-out evaluation.
+    weights = save_model(tmp_path / "trained.safetensors", model, extra={"image_size": 40, "eval_crop_pct": 1.0})
+    recorded = evaluate(data, weights=weights, device="cpu", workers=0, limit=4)
+    assert (recorded.resolution, recorded.crop_pct) == (40, 1.0)
+    given = evaluate(data, weights=weights, resolution=RESOLUTION, crop_pct=CROP_PCT, device="cpu", workers=0, limit=4)
+    assert (given.resolution, given.crop_pct) == (RESOLUTION, CROP_PCT)
+    plain = evaluate(data, model, device="cpu", workers=0, limit=4)  # a module without a checkpoint: defaults
+    assert (plain.resolution, plain.crop_pct) == (224, 0.875)

@@ -241,5 +241,5 @@ def test_cli_accepts_space_separated_values_and_repeated_flags(monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen == {"models": ["vmamba-tiny"], "resolutions": [224, 512, 768],
                     "compare": ["swin_t", "resnet50"], "batch_size": 4}
-    result = runner.invoke(app, ["profile", "--dtype", "float64"])
-    assert result.exit_code == 1 and "--dtype" in result.output
+    result = runner.invoke(app, ["profile", "--amp", "float64"])
+    assert result.exit_code == 1 and "--amp" in result.output

@@ -17,9 +17,9 @@ from typing import Iterable, Sequence
 import torch
 
 from vmamba_cli.data import eval_transform, find_images, load_image
-from vmamba_cli.device import select_device
 from vmamba_cli.errors import ImageError, InputError
 from vmamba_cli.model import DEFAULT_MODEL
+from vmamba_cli.runtime import select_device
 from vmamba_cli.weights import LoadedModel, load_model, read_class_names
 
 DEFAULT_TOPK = 5

@@ -26,7 +26,6 @@ is a parameter (``runner``), so the retry logic can be exercised without exhaust
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -44,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vmamba_cli.flops import count_flops
+from vmamba_cli.runtime import autocast
 
 __all__ = [
     "profile", "environment", "measure", "measure_bandwidth", "peer_flops", "is_out_of_memory",
@@ -206,9 +206,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int)
 
 
 def _autocast(options: ProfileOptions):
-    if options.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(options.device.type, dtype=options.autocast_dtype)
+    return autocast(options.device, options.autocast_dtype)
 
 
 def _input(task: MeasureTask) -> torch.Tensor:

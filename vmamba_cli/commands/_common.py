@@ -49,7 +49,7 @@ def user_errors():
 
 
 def resolve_device(device: str):
-    from vmamba_cli.device import select_device
+    from vmamba_cli.runtime import select_device
 
     try:
         return select_device(device)

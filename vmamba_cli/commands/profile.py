@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperCommand
 
 from vmamba_cli.commands._common import console, fail, print_json, resolve_device, user_errors
+from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP, resolve_amp
 
 # Options that take several values; `--resolution 224 512` is read as `--resolution 224 --resolution 512`.
 _MULTI_VALUE_OPTIONS = ("--model", "-m", "--resolution", "-r", "--compare")
@@ -140,7 +141,8 @@ def register(app: typer.Typer) -> None:
                                                  help="Batch size (default 1 on CPU, 32 on CUDA); halved on OOM."),
         train: bool = typer.Option(False, "--train", help="Also time a training step (forward+backward, no optimizer)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-        dtype: str = typer.Option("float32", "--dtype", help="float32, or bfloat16/float16 under autocast."),
+        amp: str = typer.Option("none", "--amp", help=AMP_HELP + " Default: none (float32, the paper's "
+                                                                 "throughput protocol, docs/design.md §7)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch.set_num_threads for CPU runs."),
         channels_last: bool = typer.Option(False, "--channels-last", help="channels_last model and input."),
         warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed runs first (default 2 CPU, 10 CUDA)."),
@@ -154,13 +156,15 @@ def register(app: typer.Typer) -> None:
         plot: Optional[str] = typer.Option(None, "--plot", help="Save images/s and memory vs resolution as PNG."),
     ):
         """Params, FLOPs, latency, images/s, peak memory and scan GB/s per model and resolution."""
-        from vmamba_cli.profile import DTYPES, environment, plot_scaling, profile
+        from vmamba_cli.profile import environment, plot_scaling, profile
 
-        if dtype not in DTYPES:
-            raise fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if amp not in AMP_CHOICES:
+            raise fail(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise fail(f"--device must be auto, cpu or cuda, got {device!r}")
         dev = resolve_device(device)
+        amp_dtype = resolve_amp(amp, dev)
+        dtype = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"  # profile()'s names
         if threads:
             import torch
 
@@ -178,7 +182,7 @@ def register(app: typer.Typer) -> None:
                            scan_bandwidth=scan_bandwidth, bandwidth_gbs=bandwidth_gbs, log=log)
         env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         command = "vmamba profile " + " ".join(_command_args(model, resolution, compare, batch_size, train, dev,
-                                                             dtype, threads, channels_last, warmup, iters))
+                                                             amp, threads, channels_last, warmup, iters))
         if csv_path:
             with user_errors():
                 _write_csv(rows, csv_path)
@@ -197,7 +201,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
-def _command_args(model, resolution, compare, batch_size, train, dev, dtype, threads, channels_last, warmup, iters):
+def _command_args(model, resolution, compare, batch_size, train, dev, amp, threads, channels_last, warmup, iters):
     args = ["--model", *model, "--resolution", *map(str, resolution)]
     if compare:
         args += ["--compare", *compare]
@@ -205,7 +209,7 @@ def _command_args(model, resolution, compare, batch_size, train, dev, dtype, thr
                         ("--iters", iters)):
         if value is not None:
             args += [flag, str(value)]
-    args += ["--device", dev.type, "--dtype", dtype]
+    args += ["--device", dev.type, "--amp", amp]
     if train:
         args.append("--train")
     if channels_last:

@@ -9,8 +9,7 @@ from typing import Any, List, Optional
 import typer
 
 from vmamba_cli.commands._common import console, fail, print_json
-
-AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -36,7 +35,7 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, "--lr", help="Base LR for a total batch of 512 (scaled linearly)."),
         image_size: Optional[int] = typer.Option(None, "--image-size", help="Training resolution."),
         workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Data loader processes per rank."),
-        amp: Optional[str] = typer.Option(None, "--amp", help="Mixed precision: auto (bf16 on CUDA), none, bf16, fp16."),
+        amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP + " Default: the preset's (auto)."),
         compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
         threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (0: default)."),
@@ -52,9 +51,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
     ):
         """Train or fine-tune a VMamba classifier with the official recipe (one process or torchrun DDP)."""
-        from vmamba_cli.train import ResumeError, TrainingDiverged, config_for_resume, train
-        from vmamba_cli.train_config import load_config, parse_assignment
-        from vmamba_cli.train_data import DataError
+        from vmamba_cli.train import (DataError, ResumeError, TrainingDiverged, config_for_resume, load_config,
+                                      parse_assignment, train)
         from vmamba_cli.weights import CheckpointError
 
         if amp is not None and amp not in AMP_CHOICES:
