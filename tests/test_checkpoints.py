@@ -215,3 +215,16 @@ def test_create_model_with_weights_loads_strictly(tmp_path):
         with pytest.raises(CheckpointError):
             vmamba_cli.create_model(spec.name, weights=other)
     assert not hasattr(VSSM, "load_checkpoint")
+
+
+def test_training_metadata_without_a_preset_still_sets_it(tmp_path):
+    """`vmamba train` records image_size / eval_crop_pct: save_model and load_model read them as the preset."""
+    from vmamba_cli.model import Preprocess
+    from vmamba_cli.weights import save_weights
+
+    model = VSSM(V2_SMALL).eval()
+    path = save_model(tmp_path / "t.safetensors", model, extra={"image_size": 32, "eval_crop_pct": 1.0})
+    assert load_model(weights=path).preprocess == Preprocess(input_size=32, crop_pct=1.0)
+    older = tmp_path / "older.safetensors"  # written before checkpoints carried "preprocess"
+    save_weights(older, model.state_dict(), {"model": "custom", "config": model.config.to_dict(), "image_size": 40})
+    assert load_model(weights=older).preprocess == Preprocess(input_size=40)
