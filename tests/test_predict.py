@@ -157,15 +157,31 @@ def test_cli_table_on_stderr(photos, weights_file, monkeypatch):
     monkeypatch.chdir(photos)
     expected = predict(["chelsea.jpg", "coffee.png"], weights=weights_file, topk=2, device="cpu")
     result = runner.invoke(app, ["predict", "chelsea.jpg", "coffee.png", "-w", str(weights_file), "-k", "2",
-                                 "--amp", "fp16"])
+                                 "--amp", "none"])
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    assert "--amp fp16 only applies on CUDA" in result.stderr
     for prediction in expected.predictions:
         assert prediction.path in result.stderr
         for score in prediction.top:
             assert score.label in result.stderr and f"{score.probability:.4f}" in result.stderr
     assert "2 image(s) predicted" in result.stderr
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_is_spelled_like_every_command(photos, weights_file, amp):
+    """--amp auto|none|bf16|fp16 (vmamba_cli.runtime): autocast on CPU too, close to float32."""
+    files = [str(photos / "chelsea.jpg"), str(photos / "coffee.png")]
+    full = predict(files, weights=weights_file, topk=1, device="cpu", amp="none")
+    assert predict(files, weights=weights_file, topk=1, device="cpu").amp == "none"  # auto: float32 on CPU
+    result = runner.invoke(app, ["predict", *files, "-w", str(weights_file), "-k", "1", "--device", "cpu",
+                                 "--amp", amp, "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["amp"] == amp
+    for low, high in zip(document["predictions"], full.predictions):
+        assert low["top"][0]["probability"] == pytest.approx(high.top[0].probability, abs=0.05)
+    result = runner.invoke(app, ["predict", *files, "-w", str(weights_file), "--amp", "fp32"])
+    assert result.exit_code == 2 and "must be one of auto, none, bf16, fp16" in result.stderr
 
 
 def test_labels_from_file_and_from_checkpoint_metadata(tmp_path, photos, weights_file):

@@ -19,14 +19,13 @@ import torch
 from vmamba_cli.data import eval_transform, find_images, load_image
 from vmamba_cli.errors import ImageError, InputError
 from vmamba_cli.model import DEFAULT_MODEL
-from vmamba_cli.runtime import select_device
+from vmamba_cli.runtime import AMP_CHOICES, amp_name, autocast, resolve_amp, select_device
 from vmamba_cli.weights import LoadedModel, load_model, read_class_names
 
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
 MIN_RESOLUTION = 32
-# The precision option every command spells the same way (--amp).
-AMP_CHOICES = ("none", "bf16", "fp16")
+DEFAULT_AMP = "auto"
 
 
 @dataclass
@@ -58,7 +57,7 @@ class PredictReport:
     resolution: int
     crop_pct: float
     topk: int
-    amp: str                          # "none", or the autocast dtype actually used ("bf16", "fp16")
+    amp: str                          # precision used: "none" (float32), "bf16" or "fp16"
     predictions: list[Prediction] = field(default_factory=list)
     failures: list[PredictFailure] = field(default_factory=list)
     seconds: float = 0.0
@@ -93,21 +92,10 @@ def _load(path: Path, transform) -> torch.Tensor:
     return transform(load_image(path))
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of an ``--amp`` value on ``device`` (None: float32). float16 autocast is
-    CUDA only here; on CPU it falls back to float32, which the command line says."""
-    if amp not in AMP_CHOICES:
-        raise InputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16" and device.type == "cuda":
-        return torch.float16
-    return None
-
-
 def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, topk: int = DEFAULT_TOPK,
             device: str | torch.device = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
-            resolution: int | None = None, crop_pct: float | None = None, amp: str = "none", ema: bool = False,
+            resolution: int | None = None, crop_pct: float | None = None, amp: str = DEFAULT_AMP,
+            ema: bool = False,
             labels: str | os.PathLike | Sequence[str] | None = None, progress: bool = False,
             workers: int | None = None) -> PredictReport:
     """Top-``topk`` classes for every image found in ``inputs`` (files, folders, glob patterns).
@@ -117,8 +105,8 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     ``weights`` nor a loaded model, the official checkpoint of ``model`` is used (downloaded once into
     the cache). Images are preprocessed with the model's preset (``LoadedModel.preprocess``: the
     input size and crop a checkpoint recorded); ``resolution`` / ``crop_pct`` override it. ``amp``
-    is "none", "bf16" or "fp16" (autocast; fp16 on CUDA only). Bad weights raise ``CheckpointError``;
-    bad images end up in ``report.failures``.
+    is the precision every command spells the same way (``vmamba_cli.runtime.resolve_amp``: auto,
+    none, bf16, fp16). Bad weights raise ``CheckpointError``; bad images end up in ``report.failures``.
     """
     if topk < 1:
         raise InputError(f"topk must be at least 1, got {topk}")
@@ -128,10 +116,10 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
         raise InputError(f"resolution must be at least {MIN_RESOLUTION} pixels, got {resolution}")
     if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
         raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    if isinstance(amp, bool):  # the former CUDA-only float16 switch
-        amp = "fp16" if amp else "none"
+    if amp not in AMP_CHOICES:
+        raise InputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     dev = select_device(device)
-    amp_dtype = autocast_dtype(amp, dev)
+    amp_dtype = resolve_amp(amp, dev)
     if isinstance(model, LoadedModel):
         loaded = model
     else:
@@ -146,7 +134,7 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     scan = find_images(inputs)
     report = PredictReport(model=loaded.name, weights=loaded.source, device=str(dev),
                            resolution=preprocess.input_size, crop_pct=preprocess.crop_pct, topk=k,
-                           amp={None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype])
+                           amp=amp_name(amp_dtype))
     report.failures.extend(PredictFailure(e.path, e.problem) for e in scan.errors)
     transform = eval_transform(preprocess)
 
@@ -172,7 +160,7 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
                     report.failures.append(PredictFailure(exc.path, exc.problem))
             if tensors:
                 batch = torch.stack(tensors).to(dev, non_blocking=True)
-                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with autocast(dev, amp_dtype):
                     logits = net(batch)
                 probs = logits.float().softmax(dim=-1)
                 values, indices = probs.topk(k, dim=-1)
@@ -184,4 +172,4 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     return report
 
 
-__all__ = ["AMP_CHOICES", "ClassScore", "Prediction", "PredictFailure", "PredictReport", "autocast_dtype", "predict"]
+__all__ = ["ClassScore", "Prediction", "PredictFailure", "PredictReport", "predict"]

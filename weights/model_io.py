@@ -47,14 +47,20 @@ def resolve_weights_path(weights: str | os.PathLike, model_name: str | None = No
     raise CheckpointError(weights, "no such file (and not a known weights name or URL)")
 
 
-def _preset_of(name: str, metadata: dict[str, Any], path) -> Preprocess:
-    """The preprocessing preset recorded in ``metadata``, else the registered model's, else the default."""
-    if "preprocess" in metadata:
-        try:
+def _preset_of(name: str | None, metadata: dict[str, Any], path) -> Preprocess:
+    """The preset recorded in ``metadata`` (``preprocess``; or ``image_size`` / ``eval_crop_pct`` as
+    `vmamba train` checkpoints without a preset record them), else the registered model's, else the
+    default."""
+    try:
+        if "preprocess" in metadata:
             return Preprocess.from_dict(metadata["preprocess"])
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(path, f"bad preprocess metadata ({exc})") from None
-    spec = MODELS.get(name)
+        if "image_size" in metadata:
+            crop_pct = metadata.get("eval_crop_pct")
+            return Preprocess().with_overrides(input_size=int(metadata["image_size"]),
+                                               crop_pct=None if crop_pct is None else float(crop_pct))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"bad preprocess metadata ({' '.join(str(exc).split())})") from None
+    spec = MODELS.get(name) if name else None
     return spec.preprocess if spec is not None else Preprocess()
 
 
@@ -93,7 +99,10 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
             stored = metadata.get("model", "custom")
             if name and stored not in ("custom", name):
                 raise CheckpointError(path, f"holds {stored} weights, not {name}")
-            net = VSSM(VMambaConfig.from_dict(metadata["config"]))
+            try:
+                net = VSSM(VMambaConfig.from_dict(metadata["config"]))
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise CheckpointError(path, f"bad model config in its metadata ({' '.join(str(exc).split())})") from None
             name = stored
         else:
             name = name or model_for_file(path.name) or resolve_model_name(DEFAULT_MODEL)
@@ -125,11 +134,11 @@ def save_model(path: str | os.PathLike, model, *, name: str = "custom", class_na
     """Write ``model`` (or an explicit ``state_dict`` of it, e.g. EMA weights) as our safetensors file.
 
     ``preprocess`` is the preset the model expects (e.g. the input size it was trained at); default:
-    the registered model's for a registered ``name``, else the standard 224 preset.
+    one ``extra`` describes (``image_size`` / ``eval_crop_pct``), else the registered model's for a
+    registered ``name``, else the standard 224 preset.
     """
     if preprocess is None:
-        spec = MODELS.get(name)
-        preprocess = spec.preprocess if spec is not None else Preprocess()
+        preprocess = _preset_of(name, extra or {}, path)
     metadata: dict[str, Any] = {
         "model": name,
         "config": model.config.to_dict(),

@@ -36,12 +36,14 @@ def report_error(exc: VMambaError) -> "typer.Exit":
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn ValueError / FileNotFoundError raised by third-party code or argument checks into one line
-    and exit 1. ``VMambaError`` passes through to the CLI's single handler."""
+    """Turn KeyError / ValueError / FileNotFoundError raised by third-party code or argument checks
+    into one line and exit 1. ``VMambaError`` passes through to the CLI's single handler."""
     try:
         yield
     except VMambaError:
         raise
+    except KeyError as exc:  # a lookup by a name the user gave; KeyError's str() would quote it
+        raise fail(exc.args[0] if exc.args else str(exc)) from None
     except (ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
 

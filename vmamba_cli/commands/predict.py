@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from vmamba_cli.commands._common import console, print_json, resolve_device
-from vmamba_cli.predict import AMP_CHOICES, DEFAULT_BATCH_SIZE, DEFAULT_TOPK, MIN_RESOLUTION, PredictReport, predict
+from vmamba_cli.predict import DEFAULT_AMP, DEFAULT_BATCH_SIZE, DEFAULT_TOPK, MIN_RESOLUTION, PredictReport, predict
+from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP
 
 
 def _show(report: PredictReport) -> None:
@@ -63,8 +64,7 @@ def register(app: typer.Typer) -> None:
                                                  help="Center-crop ratio: the short side is resized to "
                                                       "resolution/crop-pct first \\[default: the model's preset, "
                                                       "224/256 for the releases]."),
-        amp: str = typer.Option("none", "--amp", callback=_check_amp,
-                                help=f"Autocast precision: {', '.join(AMP_CHOICES)} (fp16: CUDA only)."),
+        amp: str = typer.Option(DEFAULT_AMP, "--amp", callback=_check_amp, help=AMP_HELP),
         labels: Optional[Path] = typer.Option(None, "--labels", show_default=False,
                                               help="Class names: text file (one per line) or JSON list "
                                                    "\\[default: from the checkpoint, else ImageNet-1k]."),
@@ -73,8 +73,6 @@ def register(app: typer.Typer) -> None:
     ):
         """Classify images: top-k classes with probabilities. Exit status 1 when any input failed."""
         dev = resolve_device(device)
-        if amp == "fp16" and dev.type != "cuda":
-            console.print("note: --amp fp16 only applies on CUDA; running in float32 on CPU", highlight=False)
         report = predict(images, model=model, weights=weights, topk=topk, device=dev, batch_size=batch_size,
                          resolution=resolution, crop_pct=crop_pct, amp=amp, ema=ema, labels=labels,
                          progress=console.is_terminal)
