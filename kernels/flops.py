@@ -4,15 +4,15 @@
 selective scan as ``9*B*L*D*N + B*D*L`` (D = channels of u, i.e. K*d_inner; mamba issue #110), one
 multiply-add = 1 FLOP. The application's analytic count (``vmamba_cli.flops``) uses it per block.
 
-``torch.utils.flop_counter.FlopCounterMode`` only counts ATen ops that have a formula, so a scan
-written from element-wise ops (or a native kernel) is invisible to it. ``mark_selective_scan``
-routes the scan output through a tiny custom op, ``vmamba::selective_scan_flops``, carrying that
-count (x2: FlopCounterMode counts 2 FLOPs per multiply-add) whenever a dispatch mode such as
-FlopCounterMode is active; outside such a mode it returns its input untouched, so normal
+``torch.utils.flop_counter.FlopCounterMode`` only counts ATen ops that have a formula. The
+registered operators (``ops.py``) carry their own formulas. A scan written from element-wise ops
+(the inline "reference" backend, or a call with an explicit tuning) is invisible to it:
+``mark_selective_scan`` routes such a scan's output through a tiny custom op,
+``vmamba::selective_scan_flops``, carrying that count (x2: FlopCounterMode counts 2 FLOPs per
+multiply-add) whenever a dispatch mode such as FlopCounterMode is active; outside such a mode (and
+under torch.compile / torch.export tracing) it returns its input untouched, so normal
 forward/backward pays nothing. Its backward is a marker too (2x the forward count, the usual
 convention for a linear op's two gradient products) and passes the gradient through unchanged.
-While a dispatch mode is active, ``kernels.cross_selective_scan`` also skips fused SS2D kernels and
-runs the separate ops, so the x/dt projections are counted as the matmuls they are.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def in_dispatch_mode() -> bool:
 
 def mark_selective_scan(y: torch.Tensor, d_state: int) -> torch.Tensor:
     """Let FLOP counters see a selective scan whose output is ``y`` (B, K*D, L); identity otherwise."""
-    if not is_in_torch_dispatch_mode():
+    # Tracers (torch.compile, torch.export) see through to aten ops and count nothing here.
+    if torch.compiler.is_compiling() or not is_in_torch_dispatch_mode():
         return y
     return torch.ops.vmamba.selective_scan_flops(y, int(d_state))

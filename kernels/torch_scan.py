@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .common import check_scan_shapes, empty_scan
 from .reference import step_size as _step_size
 
-__all__ = ["selective_scan_blocked", "linear_recurrence", "cross_scan_torch", "cross_merge_torch"]
+__all__ = ["selective_scan_blocked", "blocked_scan_backward", "linear_recurrence", "cross_scan_torch", "cross_merge_torch"]
 
 # Elements of one (batch, channel-block, N, L) working tensor; larger inputs are processed in
 # channel blocks so that the (B, KD, N, L) temporaries stay a few hundred MB at most.
@@ -105,49 +105,56 @@ class _BlockedSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-        batch, channels, length = u.shape
-        g = grad_y.float()
-        uf, Af, Bf, Cf = u.float(), A.float(), B.float(), C.float()
-        pre = delta.float() if delta_bias is None else delta.float() + delta_bias.float()[:, None]
-        dt = F.softplus(pre) if ctx.delta_softplus else pre
+        grads = blocked_scan_backward(*ctx.saved_tensors, ctx.delta_softplus, grad_y, ctx.groups, ctx.max_elements)
+        return (*grads, None, None, None)
 
-        du = torch.empty_like(uf)
-        d_dt = torch.empty_like(uf)
-        dA = torch.empty_like(Af)
-        dB = torch.zeros_like(Bf)
-        dC = torch.zeros_like(Cf)
-        group_of = _group_index(channels, ctx.groups, u.device)
-        for lo, hi in _channel_blocks(batch, channels, A.shape[1], length, ctx.max_elements):
-            groups_b = group_of[lo:hi]
-            Bc, Cc = Bf.index_select(1, groups_b), Cf.index_select(1, groups_b)
-            u_b, dt_b, g_b = uf[:, lo:hi], dt[:, lo:hi], g[:, lo:hi]
-            _, h, decay = _forward_block(u_b, dt_b, Af[lo:hi], Bc, Cc)
-            # dh_t = g_t C_t + decay_{t+1} dh_{t+1}
-            next_decay = F.pad(decay[..., 1:], (0, 1), value=1.0)
-            dh = linear_recurrence(next_decay, g_b[:, :, None, :] * Cc, reverse=True)
-            h_prev = F.pad(h[..., :-1], (1, 0))
-            through_decay = dh * h_prev * decay
-            dA[lo:hi] = (through_decay * dt_b[:, :, None, :]).sum((0, 3))
-            dh_B = (dh * Bc).sum(2)
-            du[:, lo:hi] = dh_B * dt_b
-            d_dt[:, lo:hi] = (through_decay * Af[lo:hi][None, :, :, None]).sum(2) + dh_B * u_b
-            # B and C are shared by a group's channels: sum their per-channel grads into the group.
-            dB.index_add_(1, groups_b, dh * (dt_b * u_b)[:, :, None, :])
-            dC.index_add_(1, groups_b, g_b[:, :, None, :] * h)
-        if D is not None:
-            du += D.float()[:, None] * g
-            dD = (g * uf).sum((0, 2))
-        else:
-            dD = None
-        if ctx.delta_softplus:
-            d_pre = d_dt * torch.where(pre > 20.0, torch.ones_like(pre), torch.sigmoid(pre))
-        else:
-            d_pre = d_dt
-        d_bias = d_pre.sum((0, 2)) if delta_bias is not None else None
-        return (du.to(u.dtype), d_pre.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                None if dD is None else dD.to(D.dtype),
-                None if d_bias is None else d_bias.to(delta_bias.dtype), None, None, None)
+
+def blocked_scan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, grad_y, groups=None,
+                          max_elements=MAX_BLOCK_ELEMENTS):
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the scan from its inputs alone (the
+    states are recomputed block by block); dD / ddelta_bias are None where D / delta_bias are."""
+    groups = B.shape[1] if groups is None else groups
+    batch, channels, length = u.shape
+    g = grad_y.float()
+    uf, Af, Bf, Cf = u.float(), A.float(), B.float(), C.float()
+    pre = delta.float() if delta_bias is None else delta.float() + delta_bias.float()[:, None]
+    dt = F.softplus(pre) if delta_softplus else pre
+
+    du = torch.empty_like(uf)
+    d_dt = torch.empty_like(uf)
+    dA = torch.empty_like(Af)
+    dB = torch.zeros_like(Bf)
+    dC = torch.zeros_like(Cf)
+    group_of = _group_index(channels, groups, u.device)
+    for lo, hi in _channel_blocks(batch, channels, A.shape[1], length, max_elements):
+        groups_b = group_of[lo:hi]
+        Bc, Cc = Bf.index_select(1, groups_b), Cf.index_select(1, groups_b)
+        u_b, dt_b, g_b = uf[:, lo:hi], dt[:, lo:hi], g[:, lo:hi]
+        _, h, decay = _forward_block(u_b, dt_b, Af[lo:hi], Bc, Cc)
+        # dh_t = g_t C_t + decay_{t+1} dh_{t+1}
+        next_decay = F.pad(decay[..., 1:], (0, 1), value=1.0)
+        dh = linear_recurrence(next_decay, g_b[:, :, None, :] * Cc, reverse=True)
+        h_prev = F.pad(h[..., :-1], (1, 0))
+        through_decay = dh * h_prev * decay
+        dA[lo:hi] = (through_decay * dt_b[:, :, None, :]).sum((0, 3))
+        dh_B = (dh * Bc).sum(2)
+        du[:, lo:hi] = dh_B * dt_b
+        d_dt[:, lo:hi] = (through_decay * Af[lo:hi][None, :, :, None]).sum(2) + dh_B * u_b
+        # B and C are shared by a group's channels: sum their per-channel grads into the group.
+        dB.index_add_(1, groups_b, dh * (dt_b * u_b)[:, :, None, :])
+        dC.index_add_(1, groups_b, g_b[:, :, None, :] * h)
+    if D is not None:
+        du += D.float()[:, None] * g
+        dD = (g * uf).sum((0, 2))
+    else:
+        dD = None
+    if delta_softplus:
+        d_pre = d_dt * torch.where(pre > 20.0, torch.ones_like(pre), torch.sigmoid(pre))
+    else:
+        d_pre = d_dt
+    d_bias = d_pre.sum((0, 2)) if delta_bias is not None else None
+    return (du.to(u.dtype), d_pre.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            None if dD is None else dD.to(D.dtype), None if d_bias is None else d_bias.to(delta_bias.dtype))
 
 
 def selective_scan_blocked(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,

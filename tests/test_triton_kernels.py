@@ -416,7 +416,10 @@ def test_fused_core_bf16_and_switches(monkeypatch):
     calls = []
     monkeypatch.setattr(ss2d, "_TritonCrossScanMerge",
                         type("Spy", (), {"apply": staticmethod(lambda *a: calls.append(a))}))
-    kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton")
+    # An explicit tuning runs the Triton function eagerly (outside the registered operator, whose
+    # forward never builds an autograd graph).
+    kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton",
+                                 tuning=DEFAULT_TUNING)
     assert len(calls) == 1
     # B and C reach the kernels as views of the routed projections (no copies), rows (R + 2) * L apart.
     B, C = calls[0][3], calls[0][4]

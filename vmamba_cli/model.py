@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vmamba_cli.errors import UnknownModelError
-from vmamba_cli.kernels import NUM_DIRECTIONS, cross_selective_scan, in_dispatch_mode
+from vmamba_cli.kernels import NUM_DIRECTIONS, cross_selective_scan, row_layer_norm
+from vmamba_cli.kernels.flops import in_dispatch_mode
 
 LN_EPS = 1e-5
 
@@ -247,12 +248,12 @@ class LayerNorm(nn.LayerNorm):
     autocast_output = False
 
     def _rows_kernel(self, x: torch.Tensor):
-        if not (x.is_cuda and x.is_contiguous() and self.elementwise_affine and self.bias is not None
-                and self.backend in ("auto", "triton") and not in_dispatch_mode()):
+        # Under torch.compile / torch.export the compiler fuses F.layer_norm itself; eagerly, fake or
+        # meta tensors (a dispatch mode) cannot run a Triton kernel.
+        if (torch.compiler.is_compiling() or not x.is_cuda or not x.is_contiguous() or not self.elementwise_affine
+                or self.bias is None or self.backend not in ("auto", "triton") or in_dispatch_mode()):
             return None
-        from vmamba_cli.kernels.triton import layernorm as layernorm_triton
-
-        return layernorm_triton.layer_norm_rows if layernorm_triton.is_available(x.device) else None
+        return row_layer_norm(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._rows_kernel(x)

@@ -27,7 +27,8 @@ from ..torch_scan import cross_merge_torch, cross_scan_torch, selective_scan_blo
 from .build import Problem, load_library
 from .plan import block_size, chunk_length, fused_tasks
 
-__all__ = ["selective_scan", "cross_selective_scan"]
+__all__ = ["selective_scan", "cross_selective_scan", "scan_forward_native", "scan_backward_native",
+           "scan_states_shape", "core_forward_native", "core_backward_native", "core_residual_shapes"]
 
 
 def _merge_slices(buffer: torch.Tensor) -> torch.Tensor:
@@ -127,30 +128,58 @@ class _SelectiveScanCPU(torch.autograd.Function):
     @once_differentiable
     @torch.autocast(device_type="cpu", enabled=False)
     def backward(ctx, grad_y):
-        buffers, sizes = _saved(ctx), ctx.sizes
-        b, length, ch = sizes["batch"], sizes["length"], sizes["channels"]
-        groups, per_group, d_state = sizes["groups"], sizes["group_channels"], sizes["d_state"]
-        n_blocks = -(-per_group // sizes["block"])
-        du = torch.empty(b, length, ch)
-        ddelta = torch.empty(b, length, ch)
-        red = torch.empty(b, n_blocks, length, groups, 2 * d_state)
-        dbias = torch.empty(b, groups, per_group)
-        dA = torch.empty(b, groups, d_state, per_group)
-        dD = torch.empty(b, groups, per_group)
-        _run(True, **sizes, **buffers, softplus=int(ctx.softplus), grad_y=_f32(grad_y.transpose(1, 2)),
-             du=du, ddelta=ddelta, red=red, dbias=dbias, dA=dA, dD=dD)
-        dBC = red.sum(1).permute(0, 2, 3, 1)  # (b, G, 2N, L)
-        t_u, t_delta, t_A, t_B, t_C, t_D, t_bias = ctx.dtypes
-        grads = (
-            du.transpose(1, 2).contiguous().to(t_u),
-            ddelta.transpose(1, 2).contiguous().to(t_delta),
-            dA.sum(0).transpose(1, 2).reshape(ch, d_state).to(t_A),
-            dBC[:, :, :d_state].contiguous().to(t_B),
-            dBC[:, :, d_state:].contiguous().to(t_C),
-            None if t_D is None else dD.sum(0).reshape(ch).to(t_D),
-            None if t_bias is None else dbias.sum(0).reshape(ch).to(t_bias),
-        )
-        return (*grads, None, None)
+        return (*_plain_backward(_saved(ctx), ctx.sizes, ctx.softplus, grad_y, ctx.dtypes), None, None)
+
+
+def _plain_backward(buffers, sizes, softplus, grad_y, dtypes):
+    """Gradients of the seven scan inputs (None for absent D / delta_bias) from the kernel's input
+    buffers and the chunk states of its forward."""
+    b, length, ch = sizes["batch"], sizes["length"], sizes["channels"]
+    groups, per_group, d_state = sizes["groups"], sizes["group_channels"], sizes["d_state"]
+    n_blocks = -(-per_group // sizes["block"])
+    du = torch.empty(b, length, ch)
+    ddelta = torch.empty(b, length, ch)
+    red = torch.empty(b, n_blocks, length, groups, 2 * d_state)
+    dbias = torch.empty(b, groups, per_group)
+    dA = torch.empty(b, groups, d_state, per_group)
+    dD = torch.empty(b, groups, per_group)
+    _run(True, **sizes, **buffers, softplus=int(softplus), grad_y=_f32(grad_y.transpose(1, 2)),
+         du=du, ddelta=ddelta, red=red, dbias=dbias, dA=dA, dD=dD)
+    dBC = red.sum(1).permute(0, 2, 3, 1)  # (b, G, 2N, L)
+    t_u, t_delta, t_A, t_B, t_C, t_D, t_bias = dtypes
+    return (
+        du.transpose(1, 2).contiguous().to(t_u),
+        ddelta.transpose(1, 2).contiguous().to(t_delta),
+        dA.sum(0).transpose(1, 2).reshape(ch, d_state).to(t_A),
+        dBC[:, :, :d_state].contiguous().to(t_B),
+        dBC[:, :, d_state:].contiguous().to(t_C),
+        None if t_D is None else dD.sum(0).reshape(ch).to(t_D),
+        None if t_bias is None else dbias.sum(0).reshape(ch).to(t_bias),
+    )
+
+
+def scan_forward_native(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, save_states):
+    """The kernel's forward on non-empty CPU tensors: (y, chunk states or None)."""
+    with torch.autocast(device_type="cpu", enabled=False):
+        inputs, sizes = _plain_inputs(u, delta, A, B, C, D, delta_bias)
+        y, states = _plain_forward(inputs, sizes, delta_softplus, save_states=save_states)
+    return y.transpose(1, 2).contiguous().to(output_dtype), states
+
+
+def scan_states_shape(u, A, B) -> tuple:
+    """Shape of the chunk states ``scan_forward_native`` keeps for a backward (symbolic sizes work)."""
+    batch, channels, length = u.shape
+    groups, d_state = B.shape[1], A.shape[1]
+    chunk = chunk_length(d_state)
+    return (batch, groups, (length + chunk - 1) // chunk, d_state, channels // groups)
+
+
+def scan_backward_native(u, delta, A, B, C, D, delta_bias, delta_softplus, states, grad_y):
+    """Gradients of the seven scan inputs from the inputs and the states of ``scan_forward_native``."""
+    with torch.autocast(device_type="cpu", enabled=False):
+        inputs, sizes = _plain_inputs(u, delta, A, B, C, D, delta_bias)
+        dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, delta_bias)]
+        return _plain_backward({**inputs, "states_in": states}, sizes, delta_softplus, grad_y, dtypes)
 
 
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
@@ -204,7 +233,8 @@ def _kernel_A(A_logs):
     return A, A.view(NUM_DIRECTIONS, -1, A.shape[1]).transpose(1, 2).contiguous()
 
 
-def _fused_forward(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, save_states, tasks):
+def _fused_buffers(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, proj, tasks):
+    """The kernel's input buffers and sizes; ``proj`` (None: computed here) is the x projection."""
     batch, d, height, width = x.shape
     length = height * width
     rank, d_state = dt_projs_weight.shape[2], A_logs.shape[1]
@@ -212,7 +242,8 @@ def _fused_forward(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
     # Channels-last rows; free when x already is channels_last (the model keeps it so).
     rows = _f32(x.permute(0, 2, 3, 1)).view(batch * length, d)
     w_proj = x_proj_weight.to(torch.float32).reshape(NUM_DIRECTIONS * width_proj, d)
-    proj = rows @ w_proj.t()  # (B*L, 4 * (R + 2N)): [dts | B | C] of every direction at each pixel
+    if proj is None:
+        proj = rows @ w_proj.t()  # (B*L, 4 * (R + 2N)): [dts | B | C] of every direction at each pixel
     A, A_kernel = _derived(A_logs, _kernel_A)
     inputs = dict(
         u=rows, proj=proj, wdt=_derived(dt_projs_weight, lambda w: _f32(w.transpose(1, 2))),
@@ -222,11 +253,18 @@ def _fused_forward(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
     sizes = dict(batch=batch, length=length, height=height, width=width, channels=d, groups=NUM_DIRECTIONS,
                  group_channels=d, d_state=d_state, rank=rank, block=block, route_groups=route_groups,
                  chunk=chunk_length(d_state), fused=1)
-    y = torch.empty(route_groups, batch, height, width, d, dtype=torch.float32)
+    return inputs, sizes, w_proj, A
+
+
+def _fused_forward(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, save_states, tasks):
+    inputs, sizes, w_proj, A = _fused_buffers(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, None,
+                                              tasks)
+    batch, height, width, d = sizes["batch"], sizes["height"], sizes["width"], sizes["channels"]
+    y = torch.empty(sizes["route_groups"], batch, height, width, d, dtype=torch.float32)
     states = None
     if save_states:
-        n_chunks = -(-length // sizes["chunk"])
-        states = torch.empty(batch, NUM_DIRECTIONS, n_chunks, d_state, d)
+        n_chunks = -(-sizes["length"] // sizes["chunk"])
+        states = torch.empty(batch, NUM_DIRECTIONS, n_chunks, sizes["d_state"], d)
     _run(False, **sizes, **inputs, softplus=1, y=y, states=states)
     return _merge_slices(y).permute(0, 3, 1, 2), inputs, sizes, states, w_proj, A
 
@@ -245,33 +283,69 @@ class _CrossSelectiveScanCPU(torch.autograd.Function):
     @once_differentiable
     @torch.autocast(device_type="cpu", enabled=False)
     def backward(ctx, grad_y):
-        buffers, sizes = _saved(ctx), ctx.sizes
-        w_proj, A = buffers.pop("w_proj"), buffers.pop("A_dense")
-        b, length, d = sizes["batch"], sizes["length"], sizes["channels"]
-        height, width = sizes["height"], sizes["width"]
-        rank, d_state = sizes["rank"], sizes["d_state"]
-        k = NUM_DIRECTIONS
-        n_blocks = -(-d // sizes["block"])
-        du = torch.empty(sizes["route_groups"], b * length, d)
-        red = torch.empty(b, n_blocks, length, k * (rank + 2 * d_state))
-        dwdt = torch.empty(b, k, rank, d)
-        dbias = torch.empty(b, k, d)
-        dA = torch.empty(b, k, d_state, d)
-        dD = torch.empty(b, k, d)
-        _run(True, **sizes, **buffers, softplus=1, grad_y=_f32(grad_y.permute(0, 2, 3, 1)),
-             du=du, red=red, dwdt=dwdt, dbias=dbias, dA=dA, dD=dD)
-        du = _merge_slices(du)
-        d_proj = (red[:, 0] if n_blocks == 1 else red.sum(1)).view(b * length, -1)
-        t_x, t_xp, t_dtw, t_dtb, t_alog, t_ds = ctx.dtypes
-        need = ctx.needs_input_grad
-        dx = d_xproj = None
-        if need[0]:
-            dx = torch.addmm(du, d_proj, w_proj).view(b, height, width, d).permute(0, 3, 1, 2).to(t_x)
-        if need[1]:
-            d_xproj = (d_proj.t() @ buffers["u"]).view(k, rank + 2 * d_state, d).to(t_xp)
-        d_alogs = dA.sum(0).transpose(1, 2).reshape(k * d, d_state) * A
-        return (dx, d_xproj, dwdt.sum(0).transpose(1, 2).to(t_dtw), dbias.sum(0).to(t_dtb),
-                d_alogs.to(t_alog), dD.sum(0).reshape(k * d).to(t_ds), None)
+        grads = _fused_backward(_saved(ctx), ctx.sizes, grad_y, ctx.dtypes, ctx.needs_input_grad)
+        return (*grads, None)
+
+
+def _fused_backward(buffers, sizes, grad_y, dtypes, need=(True, True)):
+    """Gradients of (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds) from the kernel's
+    buffers (with ``w_proj`` and ``A_dense``) and the chunk states of its forward; the first two
+    only where ``need`` says so."""
+    buffers = dict(buffers)
+    w_proj, A = buffers.pop("w_proj"), buffers.pop("A_dense")
+    b, length, d = sizes["batch"], sizes["length"], sizes["channels"]
+    height, width = sizes["height"], sizes["width"]
+    rank, d_state = sizes["rank"], sizes["d_state"]
+    k = NUM_DIRECTIONS
+    n_blocks = -(-d // sizes["block"])
+    du = torch.empty(sizes["route_groups"], b * length, d)
+    red = torch.empty(b, n_blocks, length, k * (rank + 2 * d_state))
+    dwdt = torch.empty(b, k, rank, d)
+    dbias = torch.empty(b, k, d)
+    dA = torch.empty(b, k, d_state, d)
+    dD = torch.empty(b, k, d)
+    _run(True, **sizes, **buffers, softplus=1, grad_y=_f32(grad_y.permute(0, 2, 3, 1)),
+         du=du, red=red, dwdt=dwdt, dbias=dbias, dA=dA, dD=dD)
+    du = _merge_slices(du)
+    d_proj = (red[:, 0] if n_blocks == 1 else red.sum(1)).view(b * length, -1)
+    t_x, t_xp, t_dtw, t_dtb, t_alog, t_ds = dtypes
+    dx = d_xproj = None
+    if need[0]:
+        dx = torch.addmm(du, d_proj, w_proj).view(b, height, width, d).permute(0, 3, 1, 2).to(t_x)
+    if need[1]:
+        d_xproj = (d_proj.t() @ buffers["u"]).view(k, rank + 2 * d_state, d).to(t_xp)
+    d_alogs = dA.sum(0).transpose(1, 2).reshape(k * d, d_state) * A
+    return (dx, d_xproj, dwdt.sum(0).transpose(1, 2).to(t_dtw), dbias.sum(0).to(t_dtb),
+            d_alogs.to(t_alog), dD.sum(0).reshape(k * d).to(t_ds))
+
+
+def core_forward_native(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, save_states):
+    """The fused kernel's forward on a non-empty map: (y, projections or None, chunk states or None).
+    y is (B, Di, H, W) float32 with channels-last strides; the projections are (B*H*W, 4*(R+2N))."""
+    with torch.autocast(device_type="cpu", enabled=False):
+        y, inputs, _, states, _, _ = _fused_forward(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                                                    save_states, None)
+    return y, inputs["proj"] if save_states else None, states
+
+
+def core_residual_shapes(x, x_proj_weight, A_logs) -> tuple[tuple, tuple]:
+    """Shapes of the projections and chunk states ``core_forward_native`` keeps for a backward."""
+    batch, d, height, width = x.shape
+    d_state = A_logs.shape[1]
+    chunk = chunk_length(d_state)
+    length = height * width
+    return ((batch * length, NUM_DIRECTIONS * x_proj_weight.shape[1]),
+            (batch, NUM_DIRECTIONS, (length + chunk - 1) // chunk, d_state, d))
+
+
+def core_backward_native(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, proj, states, grad_y):
+    """Gradients of the six core inputs from them, the projections and the states of the forward."""
+    with torch.autocast(device_type="cpu", enabled=False):
+        buffers, sizes, w_proj, A = _fused_buffers(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                                                   proj, None)
+        dtypes = [t.dtype for t in (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)]
+        return _fused_backward({**buffers, "states_in": states, "w_proj": w_proj, "A_dense": A}, sizes, grad_y,
+                               dtypes)
 
 
 def _composed_torch(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):

@@ -17,11 +17,12 @@ Layout, one concern per module:
 Importing this package works without triton installed; ``is_available`` then says False.
 """
 
-from .autograd import selective_scan
+from . import layernorm
+from .autograd import scan_grads, selective_scan
 from .common import INTERPRET, is_available
 from .cross_scan import cross_merge, cross_scan
 from .ss2d import cross_selective_scan
 from .tuning import DEFAULT_TUNING, ScanLaunch, TritonTuning, choose_scan_config
 
-__all__ = ["selective_scan", "cross_scan", "cross_merge", "cross_selective_scan", "is_available", "INTERPRET",
-           "TritonTuning", "DEFAULT_TUNING", "ScanLaunch", "choose_scan_config"]
+__all__ = ["selective_scan", "scan_grads", "layernorm", "cross_scan", "cross_merge", "cross_selective_scan",
+           "is_available", "INTERPRET", "TritonTuning", "DEFAULT_TUNING", "ScanLaunch", "choose_scan_config"]

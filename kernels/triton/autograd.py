@@ -19,7 +19,7 @@ from .common import triton
 from .launch import scan_backward, scan_forward
 from .tuning import TritonTuning, choose_scan_config
 
-__all__ = ["selective_scan"]
+__all__ = ["selective_scan", "scan_grads"]
 
 
 class _TritonSelectiveScan(torch.autograd.Function):
@@ -70,3 +70,22 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
         u.contiguous(), delta.contiguous(), A_f, B.contiguous(), C.contiguous(), D_f, bias_f,
         bool(delta_softplus), output_dtype, cfg)
     return y
+
+
+def scan_grads(u, delta, A, B, C, D, delta_bias, delta_softplus, grad_y, tuning: TritonTuning | None = None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of the scan from its inputs alone: a
+    forward pass recomputes the tile-entry states, then the backward kernels run. dD / ddelta_bias
+    are None where D / delta_bias are."""
+    groups = B.shape[1]
+    batch, channels, length = u.shape
+    cfg = choose_scan_config(batch, groups, channels // groups, A.shape[1], length, u.device, training=True,
+                             tuning=tuning)
+    u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+    A_f = A.float().contiguous()
+    D_f = None if D is None else D.float().contiguous()
+    bias_f = None if delta_bias is None else delta_bias.float().contiguous()
+    _, tile_state = scan_forward(u, delta, A_f, B, C, D_f, bias_f, delta_softplus, torch.float32, cfg, True)
+    du, ddelta, dA, dB, dC, dD, dbias = scan_backward(u, delta, A_f, B, C, D_f, bias_f, tile_state,
+                                                      grad_y.contiguous(), delta_softplus, cfg)
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            None if D is None else dD.to(D.dtype), None if delta_bias is None else dbias.to(delta_bias.dtype))
