@@ -21,6 +21,10 @@ median and quartiles of the per-pair ratios (speed only: peak memory needs separ
 ``--without-core`` (with ``--paired``) times a third forward per pair: vmamba-tiny with its SS2D
 core (cross-scan, x/dt projections, selective scan, cross-merge) replaced by the identity, i.e. what
 an infinitely fast scan would give. Its ratio to the peer bounds what scan-kernel work can reach.
+``--compile`` (with ``--paired``) compiles vmamba-tiny and the peer with ``torch.compile`` in the
+child (the compile is the untimed warm-up) and times the eager vmamba-tiny as a third forward per
+pair: it prints compiled vmamba / compiled peer and compiled / eager vmamba. All forwards then run
+under ``torch.no_grad()`` (compiled graphs are made for it) instead of inference mode.
 """
 
 from __future__ import annotations
@@ -105,11 +109,17 @@ def _paired_child(spec: dict) -> dict:
     models = [vmamba, _build(spec["peer"], None)]
     if spec.get("without_core"):
         models.append(_without_core(vmamba))
+    compile_s = []
+    if spec.get("compile"):
+        # Third model: the eager vmamba, so the same pairs also give compiled / eager.
+        models = [torch.compile(vmamba), torch.compile(models[1]), vmamba]
     x = torch.randn(spec["batch"], 3, spec["res"], spec["res"])
-    ratios, ratios_without_core = [], []
-    with torch.inference_mode():
+    ratios, third = [], []
+    with torch.no_grad() if spec.get("compile") else torch.inference_mode():
         for model in models:
+            t0 = time.perf_counter()
             model(x)
+            compile_s.append(time.perf_counter() - t0)
             model(x)
         order = list(range(len(models)))
         for pair in range(spec["pairs"]):
@@ -119,11 +129,13 @@ def _paired_child(spec: dict) -> dict:
                 models[index](x)
                 seconds[index] = time.perf_counter() - t0
             ratios.append(seconds[1] / seconds[0])
-            if len(models) == 3:
-                ratios_without_core.append(seconds[1] / seconds[2])
-    result = {"ratios": ratios, "loadavg": os.getloadavg()}
-    if ratios_without_core:
-        result["ratios_without_core"] = ratios_without_core
+            if spec.get("compile"):
+                third.append(seconds[2] / seconds[0])   # eager time / compiled time: the speedup
+            elif len(models) == 3:
+                third.append(seconds[1] / seconds[2])
+    result = {"ratios": ratios, "loadavg": os.getloadavg(), "first_call_s": compile_s}
+    if third:
+        result["ratios_compiled_vs_eager" if spec.get("compile") else "ratios_without_core"] = third
     return result
 
 
@@ -139,7 +151,7 @@ def run_paired(backend, case, args) -> dict:
     res, batch = CASES[case]
     spec = {"model": "vmamba-tiny", "backend": backend, "peer": PEERS[case], "res": res, "batch": batch,
             "pairs": args.paired, "threads": args.threads, "malloc": not args.no_malloc_tuning,
-            "without_core": args.without_core}
+            "without_core": args.without_core, "compile": args.compile}
     return _spawn("--paired-child", spec, f"paired {case}")
 
 
@@ -162,6 +174,8 @@ def main(argv=None):
                         help="instead: N pairs of forwards of vmamba-tiny and the peer in one process")
     parser.add_argument("--without-core", action="store_true",
                         help="with --paired: also time vmamba-tiny with its SS2D core replaced by the identity")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --paired: compile both models; also time the eager vmamba-tiny")
     parser.add_argument("--no-malloc-tuning", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -175,6 +189,8 @@ def main(argv=None):
         return
     if args.without_core and not args.paired:
         parser.error("--without-core needs --paired N")
+    if args.compile and (not args.paired or args.without_core):
+        parser.error("--compile needs --paired N (and no --without-core)")
     if args.paired:
         if args.paired < 2:
             parser.error("--paired needs at least 2 pairs (quartiles)")
@@ -183,7 +199,8 @@ def main(argv=None):
             for backend in args.backends.split(","):
                 result = run_paired(backend, case, args)
                 q1, median, q3 = statistics.quantiles(result["ratios"], n=4)
-                print(f"{case}: vmamba-tiny [{backend}] / {PEERS[case]} speed, {len(result['ratios'])} pairs in one "
+                tag = " compiled" if args.compile else ""
+                print(f"{case}:{tag} vmamba-tiny [{backend}] /{tag} {PEERS[case]} speed, {len(result['ratios'])} pairs in one "
                       f"process: median {median:.2f} (quartiles {q1:.2f}-{q3:.2f}; pairs "
                       + ", ".join(f"{r:.2f}" for r in result["ratios"])
                       + f"); load {result['loadavg'][0]:.2f} (goal >= 1.0)", file=sys.stderr, flush=True)
@@ -192,6 +209,11 @@ def main(argv=None):
                     print(f"{case}: vmamba-tiny without its SS2D core (identity) / {PEERS[case]} speed, same pairs: "
                           f"median {median:.2f} (quartiles {q1:.2f}-{q3:.2f}): the most scan-kernel work could reach",
                           file=sys.stderr, flush=True)
+                if "ratios_compiled_vs_eager" in result:
+                    q1, median, q3 = statistics.quantiles(result["ratios_compiled_vs_eager"], n=4)
+                    print(f"{case}: compiled / eager vmamba-tiny [{backend}] speed, same pairs: median {median:.2f} "
+                          f"(quartiles {q1:.2f}-{q3:.2f}); first calls (compile) "
+                          + ", ".join(f"{t:.0f} s" for t in result["first_call_s"]), file=sys.stderr, flush=True)
                 rows.append({"case": case, "backend": backend, **result})
         if args.json:
             print(json.dumps(rows, indent=1))

@@ -48,6 +48,11 @@ def _op(backend: str, op: str):
 
 
 def _needs_grad(*tensors) -> bool:
+    """Whether a backward can follow, so the native kernel should keep its residuals. Not while
+    torch.export traces: an exported program is for inference, and residual sizes would add guards
+    on the symbolic sizes (a backward through one recomputes what it needs instead)."""
+    if torch.compiler.is_exporting():
+        return False
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

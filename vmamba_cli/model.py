@@ -298,6 +298,9 @@ class GELU(nn.GELU):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A compiler picks its own loop order; a layout test there would only add shape guards.
+        if torch.compiler.is_compiling():
+            return super().forward(x)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return super().forward(x)
@@ -579,6 +582,31 @@ class VSSM(nn.Module):
     @property
     def stage_channels(self) -> list[int]:
         return list(self.config.dims)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides that are multiples of this run every stage without padding: the stem's stride
+        times 2 per downsampling (32 for the released configs)."""
+        return self.config.patch_size * 2 ** (len(self.config.dims) - 1)
+
+    def export_dynamic_shapes(self, max_batch: int = 1024, max_side: int = 4096) -> dict:
+        """``dynamic_shapes`` for ``torch.export.export(model, (x,), dynamic_shapes=...)``: batch,
+        height and width free, height and width independently, as multiples of ``size_multiple``
+        from two multiples up (64 for the released configs).
+
+        One multiple is left out because the last stage's map is then a single row or column, for
+        which PyTorch's layout rules (channels-last convolutions and norms) take another branch
+        than for larger maps: the exporter would specialise on it. The example input should have a
+        batch of at least 2 (the exporter specialises sizes of 1).
+        """
+        from torch.export import Dim
+
+        step = self.size_multiple
+        most = max(2, max_side // step)
+        batch = Dim("batch", min=1, max=max_batch)
+        height = Dim("height_steps", min=2, max=most)
+        width = Dim("width_steps", min=2, max=most)
+        return {"x": {0: batch, 2: step * height, 3: step * width}}
 
     # -- forward ---------------------------------------------------------------------------------
     def _nchw(self, x):

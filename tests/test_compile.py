@@ -1,0 +1,187 @@
+"""torch.compile and torch.export: the forward is one graph with the registered operators inside,
+and compiled / exported models give the eager numbers.
+
+Compiling on a small CPU is slow (the inductor writes and builds C++ per kernel), so most checks
+compile with AOTAutograd and no code generation (``_recording_backend``): that is the same graph
+capture, fake-tensor tracing and autograd as the inductor gets, recorded for inspection. One small
+model goes through the inductor itself; its cache (``TORCHINDUCTOR_CACHE_DIR``) makes reruns fast.
+"""
+
+import json
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from safetensors import safe_open
+from torch._dynamo.backends.common import aot_autograd
+
+from vmamba_cli.model import VSSM, from_official_config, get_model_spec, list_models
+from vmamba_cli.weights import checkpoint_filter_fn
+
+CORE = "vmamba.cross_selective_scan"
+CORE_BACKWARD = "vmamba.cross_selective_scan_backward"
+
+# One small variant per family, with its structural flags: v0 (gated, d_state 16, channel-last,
+# patch stem, patch merging), v2 s2l5 (ssm_ratio 2) and v2 s1l8 / s1l20 (ssm_ratio 1).
+FAMILIES = {"v0": "vmamba-v0-tiny", "s2l5": "vmamba-tiny-s2l5", "s1l8": "vmamba-tiny-s1l8"}
+
+
+def _small(name):
+    return VSSM(get_model_spec(name).config.replace(
+        dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0))
+
+
+def _targets(graph) -> list[str]:
+    return [str(node.target) for node in graph.nodes if node.op == "call_function"]
+
+
+def _calls(graph, op) -> int:
+    return sum(target.startswith(op + ".") or target == op for target in _targets(graph))
+
+
+class _Recorder:
+    """A torch.compile backend: AOTAutograd with the forward/backward graphs recorded and run as
+    they are (no code generation)."""
+
+    def __init__(self):
+        self.dynamo, self.forward, self.backward = [], [], []
+
+        def keep(store):
+            def compiler(gm, example_inputs):
+                store.append(gm.graph)
+                return make_boxed_func(gm.forward)
+            return compiler
+
+        self._aot = aot_autograd(fw_compiler=keep(self.forward), bw_compiler=keep(self.backward))
+
+    def __call__(self, gm, example_inputs):
+        self.dynamo.append(gm.graph)
+        return self._aot(gm, example_inputs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------
+# One graph, no breaks
+# ------------------------------------------------------------------------------------------------
+
+def _released(name):
+    """The released config; for the small and base sizes with fewer blocks per stage (a stage
+    repeats one block, so the count does not change what is traced, only how long it takes)."""
+    config = get_model_spec(name).config
+    return config if "tiny" in name else config.replace(depths=(1, 1, 2, 1))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_released_config_traces_as_one_graph(name):
+    config = _released(name)
+    model = VSSM(config).eval()
+    explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
+    assert explanation.graph_break_count == 0, [r.reason.splitlines()[0] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+    assert sum(_calls(g.graph, CORE) for g in explanation.graphs) == sum(config.depths)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled forward and backward per family
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def compiled_family(request):
+    torch.manual_seed(0)
+    model = _small(FAMILIES[request.param])
+    recorder = _Recorder()
+    return model, torch.compile(model, backend=recorder, fullgraph=True), recorder
+
+
+def test_compiled_forward_matches_eager_and_runs_the_operator(compiled_family):
+    model, compiled, recorder = compiled_family
+    model.eval()
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+        actual = compiled(x)
+    assert (actual - expected).abs().max().item() <= 1e-5
+    blocks = sum(model.config.depths)
+    assert _calls(recorder.dynamo[-1], CORE) == blocks
+    # The operator stays one node after AOTAutograd (no composed scan in its place).
+    assert _calls(recorder.forward[-1], CORE) == blocks
+    assert not any("selective_scan_flops" in t for t in _targets(recorder.forward[-1]))
+
+
+def test_compiled_training_step_matches_eager_gradients(compiled_family):
+    model, compiled, recorder = compiled_family
+    model.train()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    grads = []
+    outputs = []
+    for fn in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        out = fn(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert (outputs[1] - outputs[0]).abs().max().item() <= 1e-5
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+    assert _calls(recorder.backward[-1], CORE_BACKWARD) == sum(model.config.depths)
+
+
+# ------------------------------------------------------------------------------------------------
+# The inductor itself, and the golden fixture
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inductor_model():
+    torch.manual_seed(0)
+    model = VSSM(get_model_spec("vmamba-tiny").config.replace(
+        dims=(16, 32), depths=(1, 1), num_classes=10, drop_path_rate=0.0))
+    return model, torch.compile(model, fullgraph=True)
+
+
+def test_inductor_forward_calls_the_operator(inductor_model):
+    from torch._inductor.utils import run_and_get_code
+
+    model, compiled = inductor_model
+    model.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x)
+        actual, code = run_and_get_code(compiled, x)
+    assert (actual - expected).abs().max().item() <= 1e-5
+    assert "torch.ops.vmamba.cross_selective_scan.default" in "\n".join(code)
+
+
+def test_golden_fixture_through_compile(fixtures_dir):
+    with safe_open(str(fixtures_dir / "vmamba_v2_small_ref.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = from_official_config(config).eval()
+    model.load_state_dict(checkpoint_filter_fn(tensors), strict=True)
+    recorder = _Recorder()
+    with torch.no_grad():
+        logits = torch.compile(model, backend=recorder, fullgraph=True)(tensors["input"])
+    assert (logits - tensors["logits"]).abs().max().item() <= 1e-5
+    assert _calls(recorder.forward[-1], CORE) == sum(model.config.depths)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.export with free batch, height and width
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["v0", "s1l8"])
+def test_export_with_dynamic_batch_height_and_width(family):
+    torch.manual_seed(0)
+    model = _small(FAMILIES[family]).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 96),), dynamic_shapes=model.export_dynamic_shapes())
+    assert _calls(program.graph, CORE) == sum(model.config.depths)
+    exported = program.module()
+    for shape in [(1, 3, 64, 128), (3, 3, 160, 64)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert (exported(x) - model(x)).abs().max().item() <= 1e-5, shape
