@@ -185,3 +185,49 @@ def test_export_with_dynamic_batch_height_and_width(family):
         x = torch.randn(shape)
         with torch.no_grad():
             assert (exported(x) - model(x)).abs().max().item() <= 1e-5, shape
+
+
+# ------------------------------------------------------------------------------------------------
+# `vmamba train --compile` and `vmamba profile --compile`
+# ------------------------------------------------------------------------------------------------
+
+def test_train_compile_saves_loadable_weights_without_the_compile_prefix(tmp_path):
+    from vmamba_cli.train import load_config, train
+    from vmamba_cli.weights import load_model
+
+    config = load_config("digits", {
+        "model_config": {"dims": [16, 32, 64], "depths": [1, 1, 1], "drop_path_rate": 0.0},
+        "image_size": 16, "batch_size": 32, "threads": 1, "workers": 0, "val_fraction": 0.1, "epochs": 1,
+        "subset": 64, "ema": False, "compile": True, "output": str(tmp_path / "run")})
+    summary = train(config, progress=False)
+    assert summary["status"] == "completed"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "last.safetensors"))
+    assert saved and not any("_orig_mod" in key for key in saved)
+    model = load_model(weights=tmp_path / "run" / "last.safetensors").model
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in saved.items())
+
+
+def test_profile_compile_adds_a_compiled_row_measured_through_the_compiler():
+    from vmamba_cli.profile import MeasureTask, ProfileOptions, measure, profile
+
+    seen = []
+
+    def runner(task):
+        seen.append((task.mode, type(task.model).__name__, task.options.warmup))
+        return {"latency_ms": 1.0, "images_per_s": 1.0, "peak_memory_mb": 1.0, "memory_method": "fake"}
+
+    rows = profile(["vmamba-tiny"], [64], runner=runner, scan_bandwidth=False, compile=True, warmup=0)
+    assert [r.get("compiled", False) for r in rows] == [False, True]
+    assert rows[1]["status"] == "ok" and rows[1]["flops"] == rows[0]["flops"]
+    # The compiled row's first warm-up call is the compile.
+    assert seen == [("inference", "VSSM", 0), ("inference", "OptimizedModule", 1)]
+
+    # The real measurement (inference mode) runs a compiled model.
+    model = _small(FAMILIES["s1l8"]).eval()
+    recorder = _Recorder()
+    task = MeasureTask("small", torch.compile(model, backend=recorder, fullgraph=True), 64, 2, "inference",
+                       ProfileOptions(device=torch.device("cpu"), warmup=1, iters=1))
+    assert measure(task)["images_per_s"] > 0
+    assert _calls(recorder.forward[-1], CORE) == sum(model.config.depths)

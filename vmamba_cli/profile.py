@@ -35,7 +35,7 @@ import platform
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -493,18 +493,42 @@ def _add_ratios(rows: list[dict]) -> None:
         row["vs"] = vs
 
 
+def _compiled_row(row: dict, model: nn.Module, options: ProfileOptions, train: bool, runner, slot, log,
+                  num_classes: int) -> dict:
+    """``row``'s model under ``torch.compile``, measured like the eager one (no scan row): the first
+    warm-up call compiles, so at least one warm-up runs."""
+    keep = ("model", "family", "resolution", "device", "dtype", "requested_batch_size", "scan_backend", "flops",
+            "flops_method", "params", "gflops")
+    compiled_row = {key: row[key] for key in keep if key in row}
+    compiled_row["compiled"] = True
+    compiled = torch.compile(model)
+    opts = replace(options, warmup=max(1, options.warmup))
+    name, resolution = row["model"], row["resolution"]
+    log(f"{name} @ {resolution}x{resolution}, compiled (the first warm-up call compiles)")
+    task = MeasureTask(name, compiled, resolution, row["batch_size"], "inference", opts, {"num_classes": num_classes})
+    status, used, result, error = _with_oom_retry(runner, task, slot, log)
+    compiled_row.update(status=status, batch_size=used, error=error, **result)
+    if status == "ok" and train:
+        task = MeasureTask(name, compiled, resolution, used, "train", opts, {"num_classes": num_classes})
+        t_status, t_used, t_result, t_error = _with_oom_retry(runner, task, slot, log)
+        compiled_row.update(train_status=t_status, train_batch_size=t_used, train_error=t_error, **t_result)
+    return compiled_row
+
+
 def profile(models: Sequence[str] = ("vmamba-tiny",), resolutions: Sequence[int] = (224,), *,
             compare: Sequence[str] = (), batch_size: int | None = None, device: str | torch.device = "auto",
             dtype: str = "float32", train: bool = False, warmup: int | None = None, iters: int | None = None,
             threads: int | None = None, channels_last: bool = False, scan_bandwidth: bool = True,
             bandwidth_gbs: float | None = None, runner: Callable[[MeasureTask], dict] | None = None,
-            log: Callable[[str], None] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+            log: Callable[[str], None] | None = None, on_row: Callable[[dict], None] | None = None,
+            compile: bool = False) -> list[dict]:
     """Measure every model (VMamba names, then torchvision ``compare`` names) at every resolution.
 
     Defaults: batch 1 / warm-up 2 / 5 timed runs on CPU, batch 32 / 10 / 30 on CUDA. ``dtype`` other
     than float32 runs under autocast. ``runner`` replaces the measuring function (tests inject OOM).
     Returns one dict per (model, resolution), VMamba models first, each with ``vs`` ratios against
-    the first VMamba model at the same resolution.
+    the first VMamba model at the same resolution. ``compile`` adds a row per model measured under
+    ``torch.compile`` (``"compiled": True``) after its eager row; its warm-up includes the compile.
     """
     from vmamba_cli import kernels
     from vmamba_cli.model import get_model_spec, resolve_model_name
@@ -592,6 +616,11 @@ def profile(models: Sequence[str] = ("vmamba-tiny",), resolutions: Sequence[int]
             rows.append(row)
             if on_row:
                 on_row(row)
+            if compile and status == "ok":
+                compiled_row = _compiled_row(row, model, options, train, runner, slot, log, num_classes)
+                rows.append(compiled_row)
+                if on_row:
+                    on_row(compiled_row)
         slot.release()
     _add_ratios(rows)
     return rows

@@ -55,6 +55,10 @@ def _ratio(row: dict, key: str) -> str:
     return "" if value is None else f" ({value:.2f}x)"
 
 
+def _label(row: dict) -> str:
+    return row["model"] + (" (compiled)" if row.get("compiled") else "")
+
+
 def _print_table(rows: list[dict], env: dict, command: str, train: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -69,13 +73,13 @@ def _print_table(rows: list[dict], env: dict, command: str, train: bool) -> None
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         if r.get("status") != "ok":
-            cells = [r["model"], str(r["resolution"]), str(r.get("batch_size") or "-"),
+            cells = [_label(r), str(r["resolution"]), str(r.get("batch_size") or "-"),
                      _fmt(r.get("params") and r["params"] / 1e6, ".1f") + "M", _fmt(r.get("gflops"), ".2f"),
                      r.get("status", "?"), r.get("error") or ""]
             cells += [""] * (len(columns) - len(cells))
             table.add_row(*cells)
             continue
-        cells = [r["model"], str(r["resolution"]), str(r["batch_size"]), f"{r['params'] / 1e6:.1f}M",
+        cells = [_label(r), str(r["resolution"]), str(r["batch_size"]), f"{r['params'] / 1e6:.1f}M",
                  _fmt(r.get("gflops"), ".2f"), _fmt(r.get("latency_ms"), ".1f"),
                  _fmt(r.get("images_per_s"), ".3g") + _ratio(r, "images_per_s")]
         if train:
@@ -154,6 +158,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
         csv_path: Optional[str] = typer.Option(None, "--csv", help="Write one CSV row per model and resolution."),
         plot: Optional[str] = typer.Option(None, "--plot", help="Save images/s and memory vs resolution as PNG."),
+        compile_model: bool = typer.Option(False, "--compile",
+                                           help="Also measure each model under torch.compile (a row each; "
+                                                "the warm-up includes the compile)."),
     ):
         """Params, FLOPs, latency, images/s, peak memory and scan GB/s per model and resolution."""
         from vmamba_cli.profile import environment, plot_scaling, profile
@@ -179,10 +186,12 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             rows = profile(model, resolution, compare=compare, batch_size=batch_size, device=dev, dtype=dtype,
                            train=train, warmup=warmup, iters=iters, threads=threads, channels_last=channels_last,
-                           scan_bandwidth=scan_bandwidth, bandwidth_gbs=bandwidth_gbs, log=log)
+                           scan_bandwidth=scan_bandwidth, bandwidth_gbs=bandwidth_gbs, log=log,
+                           compile=compile_model)
         env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         command = "vmamba profile " + " ".join(_command_args(model, resolution, compare, batch_size, train, dev,
-                                                             amp, threads, channels_last, warmup, iters))
+                                                             amp, threads, channels_last, warmup, iters,
+                                                             compile_model))
         if csv_path:
             with user_errors():
                 _write_csv(rows, csv_path)
@@ -201,7 +210,8 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
-def _command_args(model, resolution, compare, batch_size, train, dev, amp, threads, channels_last, warmup, iters):
+def _command_args(model, resolution, compare, batch_size, train, dev, amp, threads, channels_last, warmup, iters,
+                  compile_model=False):
     args = ["--model", *model, "--resolution", *map(str, resolution)]
     if compare:
         args += ["--compare", *compare]
@@ -212,6 +222,8 @@ def _command_args(model, resolution, compare, batch_size, train, dev, amp, threa
     args += ["--device", dev.type, "--amp", amp]
     if train:
         args.append("--train")
+    if compile_model:
+        args.append("--compile")
     if channels_last:
         args.append("--channels-last")
     return args

@@ -154,12 +154,14 @@ class Trainer:
         self.mixer = MixupCutmix(self.num_classes, mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob,
                                  switch_prob=c.mixup_switch_prob, label_smoothing=c.label_smoothing)
 
-        self.ddp_module = self._wrap_ddp(self.model)
+        # Compiled on its device, then wrapped for DDP; checkpoints and evaluation use self.model
+        # itself, so saved keys carry no "_orig_mod." prefix. dynamic=False: a smaller last batch
+        # recompiles once instead of tracing symbolic shapes.
+        compiled = torch.compile(self.model, dynamic=False) if c.compile else self.model
+        self.ddp_module = self._wrap_ddp(compiled)
         # After the DDP wrap, which copies rank 0's weights into every rank's model.
         self.ema = ModelEma(self.model, c.ema_decay) if c.ema else None
-        # dynamic=False: a smaller last batch recompiles instead of tracing symbolic shapes, which
-        # inductor 2.14 fails on for this model ("cannot determine truth value of Relational").
-        self.train_module = torch.compile(self.ddp_module, dynamic=False) if c.compile else self.ddp_module
+        self.train_module = self.ddp_module
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
