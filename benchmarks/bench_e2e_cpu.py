@@ -4,7 +4,7 @@
     python benchmarks/bench_e2e_cpu.py --case 224 --repeat 5
     python benchmarks/bench_e2e_cpu.py --models vmamba-tiny --backends cpu,torch --case 224
 
-Method (machine-facts §4): a fresh process per (model, case); ``torch.set_num_threads(2)``,
+Method (docs/design.md §12.4): a fresh process per (model, case); ``torch.set_num_threads(2)``,
 ``eval()``, ``torch.inference_mode()``, random init, ``randn`` input; two warm-up forwards (the
 second skipped if the first took over 20 s), then the median of ``--repeat`` timed forwards. Peak
 memory is the child's ``ru_maxrss`` (includes ~0.7 GiB for importing torch + torchvision). Every
