@@ -305,6 +305,8 @@ def _row(model, family, res, ips, mem, status="ok", batch=1):
 def test_scaling_report_on_rows():
     rs = (128, 256, 512, 1024)
     rows = [_row("vm", "vmamba", r, 1e6 / r ** 2, 1e-3 * r ** 2) for r in rs]
+    for row in rows:
+        row["flops"] = 7 * row["resolution"] ** 2
     rows += [_row("vit", "torchvision", r, 4e11 / r ** 4, 2e-8 * r ** 4) for r in rs[:3]]
     rows += [_row("vit", "torchvision", 1024, None, None, status="OOM")]
     rows += [_row("cnn", "torchvision", r, 2e6 / r ** 2, 5e-4 * r ** 2) for r in rs]
@@ -314,6 +316,7 @@ def test_scaling_report_on_rows():
     assert exps["vm"]["time_exponent"] == pytest.approx(1.0) and exps["vm"]["memory_exponent"] == pytest.approx(1.0)
     assert exps["vit"]["time_exponent"] == pytest.approx(2.0) and exps["vit"]["memory_exponent"] == pytest.approx(2.0)
     assert exps["vit"]["resolutions"] == [128, 256, 512] and exps["vit"]["time_fit"]["points"] == 3
+    assert exps["vm"]["flops_exponent"] == pytest.approx(1.0) and exps["vit"]["flops_exponent"] is None
     cross = {c["model"]: c for c in report["crossovers"]}
     # vit: images/s ratio vm/vit = r^2 / 4e5, equal at r = 632.5: overtaken at 1024 (the OOM row)
     assert cross["vit"]["images_per_s"]["status"] == "overtakes"
@@ -361,7 +364,11 @@ def test_cli_scaling_json_and_plot_with_a_vit(tmp_path, one_thread):
     for entry in scaling["models"]:
         assert entry["resolutions"] == [32, 64, 96]
         assert isinstance(entry["time_exponent"], float) and entry["time_fit"]["points"] == 3
+        mine = [r for r in doc["rows"] if r["model"] == entry["model"]]
+        expected = fit_exponent([r["resolution"] ** 2 for r in mine], [r["flops"] for r in mine])["exponent"]
+        assert entry["flops_exponent"] == pytest.approx(expected) and entry["flops_fit"]["points"] == 3
         assert "memory_exponent" in entry
+    assert 0.95 < scaling["models"][0]["flops_exponent"] < 1.05  # VMamba: linear in pixel count
     (vit,) = scaling["crossovers"]
     assert vit["model"] == "vit_b_32" and vit["reference"] == "vmamba-tiny-s1l8"
     for field in ("images_per_s", "peak_memory_mb"):

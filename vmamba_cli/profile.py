@@ -633,6 +633,7 @@ def flatten_row(row: dict) -> dict:
 
 # (row field, name in the report, how a value becomes a cost): time per image is 1 / images/s.
 SCALING_METRICS = (
+    ("flops", "flops", lambda v: v),
     ("images_per_s", "time", lambda v: 1.0 / v),
     ("peak_memory_mb", "memory", lambda v: v),
     ("train_images_per_s", "train_time", lambda v: 1.0 / v),
@@ -716,6 +717,8 @@ def crossover(points: Sequence[tuple[int, float | None, float | None]], higher_i
 def _fit_rows(rows: list[dict], field: str) -> list[dict]:
     """Rows of one model usable for ``field``; memory only at the model's most common batch size
     (an OOM retry at a smaller batch would otherwise bend the curve)."""
+    if field == "flops":  # counted, not measured: known for rows that ran out of memory too
+        return [r for r in rows if r.get("flops") is not None]
     ok = [r for r in rows if r.get(field) is not None and r.get("status") == "ok"]
     if "memory" in field and ok:
         key = "train_batch_size" if field.startswith("train") else "batch_size"
@@ -728,8 +731,9 @@ def _fit_rows(rows: list[dict], field: str) -> list[dict]:
 def scaling_report(rows: list[dict]) -> dict:
     """Exponents of cost against pixel count per model, and where VMamba overtakes each peer.
 
-    ``models``: one entry per model with ``time_exponent``, ``memory_exponent`` (and the training
-    ones when measured): ``fit_exponent`` over the resolutions where the model ran. ``crossovers``:
+    ``models``: one entry per model with ``flops_exponent`` (from the counted FLOPs: machine-free),
+    ``time_exponent``, ``memory_exponent`` (and the training ones when measured): ``fit_exponent``
+    over the resolutions where the model ran. ``crossovers``:
     one entry per other model against the reference (the first VMamba model) for images/s and for
     peak memory (``crossover``); a row that ran out of memory counts as the worse side. Memory is
     compared only where both rows ran at the same batch size.

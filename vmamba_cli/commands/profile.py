@@ -103,7 +103,7 @@ def _print_scaling(report: dict, train: bool) -> None:
     ref = report["reference"]
     table = Table(title="cost against pixel count: fitted exponent of log cost on log pixels (1 linear, 2 quadratic)"
                         + (f"; where {ref} overtakes each model" if ref else ""))
-    columns = ["model", "resolutions", "time exp", "memory exp"]
+    columns = ["model", "resolutions", "FLOPs exp", "time exp", "memory exp"]
     if train:
         columns.append("train time exp")
     if ref:
@@ -117,7 +117,7 @@ def _print_scaling(report: dict, train: bool) -> None:
         return "-" if value is None else f"{value:.2f}"
 
     for entry in report["models"]:
-        cells = [entry["model"], " ".join(map(str, entry["resolutions"])) or "-",
+        cells = [entry["model"], " ".join(map(str, entry["resolutions"])) or "-", exp(entry, "flops_exponent"),
                  exp(entry, "time_exponent"), exp(entry, "memory_exponent")]
         if train:
             cells.append(exp(entry, "train_time_exponent"))
