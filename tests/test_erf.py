@@ -228,6 +228,8 @@ def test_panel_specs():
         ("swin_t (random init)", None), ("vit_b_16 (IMAGENET1K_V1)", "DEFAULT")]
     with pytest.raises(ValueError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
         panel_specs([], compare=["resnet50:IMAGENET1K_V9"])
+    with pytest.raises(ValueError, match="unknown torchvision model 'resnet51'"):
+        panel_specs([], compare=["resnet51"])
 
 
 def test_builtin_photos_load_offline_at_the_requested_size():

@@ -65,7 +65,14 @@ def peer_weights(name: str, tag: str):
 
 
 def peer_label(name: str, tag: str | None) -> str:
-    """The resolved tag for titles (``DEFAULT`` shown as the entry it stands for), or "random init"."""
+    """The resolved tag for titles (``DEFAULT`` shown as the entry it stands for), or "random init".
+    Unknown names and tags are a ValueError here, before anything is built."""
+    import torchvision.models as tvm
+
+    try:
+        tvm.get_model_builder(name)
+    except ValueError:
+        raise ValueError(f"unknown torchvision model {name!r}") from None
     return "random init" if tag is None else peer_weights(name, tag).name
 
 
