@@ -455,3 +455,36 @@ def test_released_vit_weights_load_at_another_size(torch_home, monkeypatch):
     expected = interpolate_embeddings(64, 32, dict(state))["encoder.pos_embedding"]
     torch.testing.assert_close(model.encoder.pos_embedding.detach(), expected, rtol=0, atol=0)
     assert calls == []
+
+
+def test_download_flag_fetches_into_the_cache_and_fails_in_one_line(torch_home, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    from vmamba_cli.peers import PeerWeightsMissing, build_peer
+
+    checkpoints, _ = torch_home
+    torch.manual_seed(11)
+    released = torchvision.models.resnet18().state_dict()
+    fetched = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        fetched.append((url, hash_prefix))
+        torch.save(released, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    model = build_peer("resnet18", "IMAGENET1K_V1", download=True)
+    assert fetched == [(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, "f37072fd")]
+    assert (checkpoints / "resnet18-f37072fd.pth").is_file()
+    torch.testing.assert_close(model.conv1.weight, released["conv1.weight"], rtol=0, atol=0)
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(PeerWeightsMissing) as info:
+        build_peer("resnet34", "DEFAULT", download=True)
+    message = str(info.value)
+    assert "\n" not in message and "resnet34-b627a593.pth" in message and "Name or service" in message
+    assert not (checkpoints / "resnet34-b627a593.pth").exists()
