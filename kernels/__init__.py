@@ -43,6 +43,8 @@ _BACKENDS = {
     "triton": ".scan_triton",
     "cpu": ".scan_cpu",
 }
+# Standard-ops chunked closed form for exporters (ONNX, torch.export); "auto" never picks it.
+_BACKENDS["chunked"] = ".chunked"
 BACKENDS = tuple(_BACKENDS)
 
 # Preference order of backend="auto" per device type.
