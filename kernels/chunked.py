@@ -10,10 +10,10 @@ torch.export) see one graph whose size does not depend on the image size:
 
 * level 1: the sequence is cut into chunks of ``CHUNK`` steps; inside a chunk the state is the
   masked (CHUNK x CHUNK) decay matrix times the drives;
-* level 2: the chunk-end states obey the same recurrence over chunks (log-decay = the chunk's sum
-  of a_t), solved by the same chunked closed form over groups of ``CHUNK`` chunks;
-* level 3: the states entering each group are the all-pairs closed form over the groups
-  (``ceil(L / CHUNK**2)`` of them, e.g. 13 for a 224 input's first stage, 256 for 1024x1024).
+* levels 2 .. LEVELS-1: the chunk-end states obey the same recurrence over chunks (log-decay = the
+  chunk's sum of a_t), solved by the same chunked closed form one level up;
+* top level: the all-pairs closed form over what is left (``ceil(L / CHUNK**(LEVELS-1))`` entries,
+  e.g. 7 for a 224 input's first stage, 128 for a 1024x1024 input's).
 
 Numerics: only sums of non-positive log-decays are exponentiated, so nothing overflows. Each
 ``a_{s+1} + ... + a_t`` is formed as a cumulative sum of the masked terms themselves (not as a
@@ -22,12 +22,13 @@ with s > t are set to -inf before ``exp`` so that they give exact zeros (no inf 
 zero gradient). Padding steps added to reach a multiple of the chunk have a = 0 and x = 0: the
 state passes through them unchanged and their outputs are dropped.
 
-Cost and the choice of CHUNK: the decay matrices hold ``batch * K*D * N * L * CHUNK`` floats (CHUNK
-times the state itself; the scan's work grows the same way), and the two upper levels add about
-``L / CHUNK`` and ``(L / CHUNK**2)**2`` per (batch, channel, state). A small chunk keeps memory and
-work low but makes the top level's all-pairs table grow as (L / CHUNK**2)**2; 16 keeps the top
-table under ``L`` up to L = 65536 (a 1024 input's first stage) while the first level costs 16x
-the state. Backward is plain autograd through these ops.
+Cost and the choice of CHUNK: the decay matrices hold ``batch * K*D * N * L * CHUNK`` floats
+(CHUNK times the state itself, and about CHUNK exps per step instead of one), the upper levels add
+about ``L / CHUNK`` per (batch, channel, state) and the top level ``(L / CHUNK**(LEVELS-1))**2``. A
+smaller chunk means less memory and work at the first level and more levels; 8 with 4 levels keeps
+the first level at 8x the state and the top table negligible up to L = 65536 (a 1024 input's first
+stage). For vmamba-tiny at 224, batch 8, the largest decay tensor is 8*384*3136*8 floats (308 MB).
+Backward is plain autograd through these ops.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 
 from .scan_torch import _step_size, check_scan_shapes
 
-CHUNK = 16
-LEVELS = 3
+CHUNK = 8
+LEVELS = 4
 
 __all__ = ["selective_scan", "selective_scan_chunked", "chunked_selective_scan_op", "linear_recurrence_closed",
            "is_available", "CHUNK", "LEVELS"]
@@ -50,15 +51,16 @@ def _segment_sums(a: torch.Tensor) -> torch.Tensor:
     """(..., T) log-decays -> (..., T, T) with [t, s] = a_{s+1} + ... + a_t for s <= t, -inf above.
 
     Built as a cumulative sum down the columns of the strictly-lower-masked repeat of ``a``, so each
-    entry only sums the terms it needs.
+    entry only sums the terms it needs. The masks are a multiplication by 0/1 and an addition of
+    0/-inf (entries above the diagonal sum to exactly 0, so they become -inf, never NaN).
     """
     steps = a.shape[-1]
     idx = torch.arange(steps, device=a.device)
-    strictly_lower = idx[:, None] > idx[None, :]          # [t, s]: t > s
-    lower = idx[:, None] >= idx[None, :]
-    terms = torch.where(strictly_lower, a.unsqueeze(-1), torch.zeros((), dtype=a.dtype, device=a.device))
-    sums = torch.cumsum(terms, dim=-2)
-    return torch.where(lower, sums, torch.full((), float("-inf"), dtype=a.dtype, device=a.device))
+    strictly_lower = (idx[:, None] > idx[None, :]).to(a.dtype)          # [t, s]: t > s
+    upper_bias = torch.zeros(steps, steps, dtype=a.dtype, device=a.device).masked_fill(
+        idx[:, None] < idx[None, :], float("-inf"))
+    sums = torch.cumsum(a.unsqueeze(-1) * strictly_lower, dim=-2)
+    return sums + upper_bias
 
 
 def _all_pairs(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

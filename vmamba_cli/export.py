@@ -118,7 +118,7 @@ def _export_copy(model):
 def export_program(model, *, dynamic: bool = True, resolution: int | tuple[int, int] = 224, batch: int = 2):
     """torch.export.ExportedProgram of the classifier, dynamic in batch, height and width by default.
 
-    Dynamic heights and widths are multiples of 32 (non-square allowed). The example input is
+    Dynamic heights and widths are multiples of 32 from 64 up (non-square allowed). The example input is
     ``batch`` x 3 x ``resolution``; with ``dynamic`` the batch of the example must be at least 2 (a
     size-1 example would be specialised by the tracer).
     """
@@ -131,8 +131,9 @@ def export_program(model, *, dynamic: bool = True, resolution: int | tuple[int, 
     shapes = None
     if dynamic:
         Dim = torch.export.Dim
-        units_h = Dim("height_units", min=1, max=_MAX_UNITS)
-        units_w = Dim("width_units", min=1, max=_MAX_UNITS)
+        # From 64 pixels: at 32 the last stage is 1 pixel high, a size the tracer specialises on.
+        units_h = Dim("height_units", min=2, max=_MAX_UNITS)
+        units_w = Dim("width_units", min=2, max=_MAX_UNITS)
         shapes = {"x": {0: Dim("batch", min=1, max=4096), 2: SIZE_MULTIPLE * units_h, 3: SIZE_MULTIPLE * units_w}}
     with torch.no_grad():
         program = torch.export.export(net, (example,), dynamic_shapes=shapes)
@@ -158,11 +159,11 @@ def export_pt2(model, path: str | os.PathLike, *, dynamic: bool = True, resoluti
 # ------------------------------------------------------------------------------------------------
 
 def _chunked_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
-                       chunk: int = 16):
+                       chunk: int = 8):
     """vmamba::chunked_selective_scan in standard ONNX operators (opset >= 18).
 
     The same closed form as ``kernels.chunked.selective_scan_chunked``: LEVELS - 1 chunked levels,
-    then all pairs. Sizes (sequence length, chunk counts, padding) are computed from Shape at run
+    then all pairs (CHUNK = 8, LEVELS = 4). Sizes (sequence length, chunk counts, padding) are computed from Shape at run
     time, so no size of the example is baked in.
     """
     from onnxscript import opset18 as op
@@ -182,9 +183,10 @@ def _chunked_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         steps = op.Shape(a, start=-1)
         idx = op.Range(i64(0), op.Squeeze(steps, i64(0)), i64(1))
         rows, cols = op.Unsqueeze(idx, i64(1)), op.Unsqueeze(idx, i64(0))
-        terms = op.Where(op.Greater(rows, cols), op.Unsqueeze(a, i64(-1)), zero)
-        sums = op.CumSum(terms, i64(-2))
-        decay = op.Exp(op.Where(op.GreaterOrEqual(rows, cols), sums, minus_inf))
+        strictly_lower = op.Cast(op.Greater(rows, cols), to=1)                   # float 0/1
+        upper_bias = op.Where(op.GreaterOrEqual(rows, cols), zero, minus_inf)   # (T, T): 0 / -inf
+        sums = op.CumSum(op.Mul(op.Unsqueeze(a, i64(-1)), strictly_lower), i64(-2))
+        decay = op.Exp(op.Add(sums, upper_bias))
         return op.Squeeze(op.MatMul(decay, op.Unsqueeze(x, i64(-1))), i64(-1))
 
     def recurrence(a, x, levels):
@@ -246,7 +248,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, d
     """Write ``model`` as an ONNX file of standard operators (atomically) and return its path.
 
     Input ``x`` (batch, 3, height, width) float32 -> output ``logits`` (batch, classes). With
-    ``dynamic`` batch, height and width are free (heights and widths multiples of 32).
+    ``dynamic`` batch, height and width are free (heights and widths multiples of 32, at least 64).
     """
     onnx = _require("onnx")
     _require("onnxscript")
