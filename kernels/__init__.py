@@ -68,6 +68,8 @@ _BACKENDS = {
     "cpu": _Backend(is_available=_cpu.is_available, selective_scan=_cpu.selective_scan,
                     cross_selective_scan=_cpu.cross_selective_scan),
 }
+# Standard-ops chunked closed form for exporters (ONNX, torch.export); "auto" never picks it.
+_BACKENDS["chunked"] = ".chunked"
 BACKENDS = tuple(_BACKENDS)
 
 # Preference order of backend="auto" per device type.
