@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from . import chunked as _chunked
 from . import cpu as _cpu
 from . import reference as _reference
 from . import torch_scan as _torch_scan
@@ -67,9 +68,9 @@ _BACKENDS = {
     if _triton is not None else _Backend(is_available=lambda device: False),
     "cpu": _Backend(is_available=_cpu.is_available, selective_scan=_cpu.selective_scan,
                     cross_selective_scan=_cpu.cross_selective_scan),
+    # Standard-ops chunked closed form for exporters (ONNX, torch.export); "auto" never picks it.
+    "chunked": _Backend(selective_scan=_chunked.selective_scan),
 }
-# Standard-ops chunked closed form for exporters (ONNX, torch.export); "auto" never picks it.
-_BACKENDS["chunked"] = ".chunked"
 BACKENDS = tuple(_BACKENDS)
 
 # Preference order of backend="auto" per device type.

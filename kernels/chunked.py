@@ -38,7 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .scan_torch import _step_size, check_scan_shapes
+from .common import check_scan_shapes, empty_scan
+from .reference import step_size as _step_size
 
 CHUNK = 8
 LEVELS = 4
@@ -159,6 +160,8 @@ chunked_selective_scan_op.register_autograd(_backward, setup_context=_setup_cont
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, output_dtype=torch.float32):
     """Backend entry of vmamba_cli.kernels (backend="chunked"): the registered operator."""
     check_scan_shapes(u, delta, A, B, C, D, delta_bias)
+    if u.numel() == 0:
+        return empty_scan(u, delta, A, B, C, D, delta_bias, output_dtype)
     y = chunked_selective_scan_op(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), CHUNK)
     return y.to(output_dtype)
 
