@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from .loading import CheckpointError, load_weights_into, read_metadata, save_weights
+from .loading import (CheckpointError, check_regular_file, config_from_metadata, load_weights_into, read_metadata,
+                      save_weights)
 
 # A hook the registry installs: turns a weights argument that is not a local file (registry name, URL)
 # into a local path, downloading if needed. Returns None when it does not recognise the argument.
@@ -65,7 +66,7 @@ def _is_ours(path: Path) -> bool:
 
 
 def load_model(model: str | None = None, weights: str | os.PathLike | None = None, *, ema: bool = False,
-               num_classes: int | None = None) -> LoadedModel:
+               num_classes: int | None = None, allow_non_finite: bool = False) -> LoadedModel:
     """Build a model and load weights strictly.
 
     * ``weights`` is one of our safetensors files: the architecture comes from its metadata
@@ -73,7 +74,8 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
     * ``weights`` is an official ``.pth`` (or a bare state dict): ``model`` (default vmamba-tiny)
       gives the architecture.
     * ``weights`` is None: the official random initialisation.
-    ``num_classes`` replaces the head after loading (fine-tuning).
+    ``num_classes`` replaces the head after loading (fine-tuning). Weights holding NaN / Inf are
+    refused unless ``allow_non_finite``.
     """
     from vmamba_cli.model import DEFAULT_MODEL, VMambaConfig, VSSM, create_model, resolve_model_name
 
@@ -84,19 +86,19 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
         net = create_model(name or DEFAULT_MODEL)
         name = name or resolve_model_name(DEFAULT_MODEL)
     else:
-        path = resolve_weights_path(weights, name)
+        path = check_regular_file(resolve_weights_path(weights, name))
         source = str(path)
         if _is_ours(path):
             metadata = read_metadata(path)
             stored = metadata.get("model", "custom")
             if name and stored not in ("custom", name):
                 raise CheckpointError(path, f"holds {stored} weights, not {name}")
-            net = VSSM(VMambaConfig.from_dict(metadata["config"]))
+            net = VSSM(VMambaConfig.from_dict(config_from_metadata(path, metadata)))
             name = stored
         else:
             name = name or _official_model_for_file(path) or resolve_model_name(DEFAULT_MODEL)
             net = create_model(name)
-        load_weights_into(net, path, ema=ema, what=name)
+        load_weights_into(net, path, ema=ema, what=name, allow_non_finite=allow_non_finite)
     class_names = metadata.get("class_names") if isinstance(metadata.get("class_names"), list) else None
     if class_names is None and net.config.num_classes == 1000:
         from vmamba_cli.data import imagenet_class_names
