@@ -199,10 +199,12 @@ def download_file(url: str, dest: str | os.PathLike, *, name: str | None = None,
         try:
             response = urllib.request.urlopen(request, timeout=min(timeout, stall.idle_s))
         except urllib.error.HTTPError as exc:
-            if exc.code in _REDIRECT_CODES:
-                raise DownloadError(name, f"cannot download {url}: the server redirects in a loop "
-                                          f"(HTTP {exc.code}, more than {urllib.request.HTTPRedirectHandler.max_redirections} "
-                                          "redirects)") from None
+            # urllib gives up on a redirect chain that repeats a URL or grows too long with an
+            # HTTPError whose several-line message says "infinite loop".
+            if exc.code in _REDIRECT_CODES and "infinite loop" in str(exc.msg):
+                target = exc.headers.get("Location") if exc.headers else None
+                raise DownloadError(name, f"cannot download {url}: the server redirects in a loop (HTTP {exc.code}"
+                                          f"{f', last to {target}' if target else ''})") from None
             raise DownloadError(name, f"cannot download {url}: the server answered HTTP {exc.code} "
                                       f"{_reason(exc)}") from None
         except TimeoutError:
