@@ -34,8 +34,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from vmamba_cli.train import read_metrics, train
-    from vmamba_cli.train_config import load_config, parse_assignment
+    from vmamba_cli.train import load_config, parse_assignment, read_metrics, train
 
     output = args.output or tempfile.mkdtemp(prefix="vmamba-digits-")
     overrides = {"data": "digits", "threads": args.threads, "output": output}

@@ -173,3 +173,58 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, explode)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preset_round_trip_and_bad_preset_metadata(tmp_path):
+    from vmamba_cli.model import Preprocess
+    from vmamba_cli.weights import save_weights
+
+    model = VSSM(V2_SMALL).eval()
+    preset = Preprocess(input_size=48, crop_pct=0.9, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
+                        std=(0.25, 0.25, 0.25))
+    path = save_model(tmp_path / "p.safetensors", model, preprocess=preset)
+    assert load_model(weights=path).preprocess == preset
+    assert load_model(weights=path).metadata["preprocess"]["input_size"] == 48
+
+    bad = tmp_path / "bad.safetensors"
+    save_weights(bad, model.state_dict(), {"model": "custom", "config": model.config.to_dict(),
+                                           "preprocess": {"input_size": 48, "crop_pct": 3.0}})
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: bad preprocess metadata .*crop_pct"):
+        load_model(weights=bad)
+
+
+def test_create_model_with_weights_loads_strictly(tmp_path):
+    """README API: vmamba_cli.create_model(name, weights=...) builds and loads in one call."""
+    import vmamba_cli
+    import vmamba_cli.model as model_module
+
+    spec = model_module.ModelSpec("vmamba-ckpt-test", V2_SMALL, "-", "-", "ckpt_test.pth", "#v2cls", 0.0, None, 0, 0)
+    torch.manual_seed(5)
+    source = VSSM(V2_SMALL).eval()
+    path = tmp_path / "weights.pth"
+    torch.save({"model": source.state_dict()}, path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(model_module.MODELS, spec.name, spec)
+        mp.setitem(model_module._ALIASES, spec.name, spec.name)
+        built = vmamba_cli.create_model(spec.name, weights=path).eval()
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(built(x), source(x))
+        other = tmp_path / "other.pth"
+        torch.save({"model": VSSM(V2_SMALL.replace(num_classes=7)).state_dict()}, other)
+        with pytest.raises(CheckpointError):
+            vmamba_cli.create_model(spec.name, weights=other)
+    assert not hasattr(VSSM, "load_checkpoint")
+
+
+def test_training_metadata_without_a_preset_still_sets_it(tmp_path):
+    """`vmamba train` records image_size / eval_crop_pct: save_model and load_model read them as the preset."""
+    from vmamba_cli.model import Preprocess
+    from vmamba_cli.weights import save_weights
+
+    model = VSSM(V2_SMALL).eval()
+    path = save_model(tmp_path / "t.safetensors", model, extra={"image_size": 32, "eval_crop_pct": 1.0})
+    assert load_model(weights=path).preprocess == Preprocess(input_size=32, crop_pct=1.0)
+    older = tmp_path / "older.safetensors"  # written before checkpoints carried "preprocess"
+    save_weights(older, model.state_dict(), {"model": "custom", "config": model.config.to_dict(), "image_size": 40})
+    assert load_model(weights=older).preprocess == Preprocess(input_size=40)

@@ -30,6 +30,8 @@ def test_models_json_lists_every_registered_model():
     tiny = default[0]
     assert tiny["params"] == 30_249_064 and abs(tiny["gflops"] - 4.905609984) < 1e-9 and tiny["top1"] == 82.6
     assert tiny["url"].endswith("/releases/download/%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth")
+    assert tiny["preprocess"]["input_size"] == 224 and tiny["preprocess"]["crop_pct"] == 224 / 256
+    assert tiny["preprocess"]["interpolation"] == "bicubic"
 
 
 def test_models_table_is_human_output_on_stderr():
@@ -51,7 +53,7 @@ def test_select_device():
     import pytest
     import torch
 
-    from vmamba_cli.device import select_device
+    from vmamba_cli.runtime import select_device
 
     assert select_device(torch.device("cpu")) == torch.device("cpu")
     assert select_device("cpu") == torch.device("cpu")

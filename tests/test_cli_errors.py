@@ -58,3 +58,41 @@ def test_bad_weights_give_one_line_error(bad_files, kind, command):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     assert str(weights) in errors[0]
+
+
+def test_user_errors_are_handled_once_by_the_cli(monkeypatch):
+    """Any VMambaError leaving a command becomes one stderr line and the class's exit status."""
+    from typer.testing import CliRunner
+
+    import vmamba_cli.commands.predict as predict_command
+    from vmamba_cli.cli import app
+    from vmamba_cli.errors import DataError, UnknownModelError, VMambaError
+
+    class Special(VMambaError):
+        exit_code = 7
+
+    runner = CliRunner()
+    for error, code, line in [(Special("thing.png: broken in a special way"), 7, "thing.png: broken in a special way"),
+                              (DataError("data: no class folders"), 1, "data: no class folders"),
+                              (UnknownModelError("unknown model 'x'"), 1, "unknown model 'x'")]:
+        def fake_predict(*args, _error=error, **kwargs):
+            raise _error
+
+        monkeypatch.setattr(predict_command, "predict", fake_predict)
+        result = runner.invoke(app, ["predict", "thing.png", "--device", "cpu"])
+        assert result.exit_code == code, result.output
+        assert result.stdout == "" and result.stderr.strip().splitlines() == [f"error: {line}"]
+    # Anything else is a bug and keeps its traceback.
+    monkeypatch.setattr(predict_command, "predict", lambda *a, **k: 1 / 0)
+    result = runner.invoke(app, ["predict", "thing.png", "--device", "cpu"])
+    assert isinstance(result.exception, ZeroDivisionError)
+
+
+def test_unknown_model_is_a_key_error_with_a_plain_message():
+    from vmamba_cli.errors import UnknownModelError, VMambaError
+    from vmamba_cli.model import resolve_model_name
+
+    with pytest.raises(UnknownModelError) as err:
+        resolve_model_name("vmamba-tinny")
+    assert isinstance(err.value, KeyError) and isinstance(err.value, VMambaError)
+    assert str(err.value).startswith("unknown model 'vmamba-tinny'") and "did you mean" in str(err.value)

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vmamba_cli.cli import app
-from vmamba_cli.data import eval_transform, load_image
+from vmamba_cli.data import Preprocess, eval_transform, load_image
 from vmamba_cli.evaluate import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EvalImageDataset, collate_eval,
                                  evaluate, imagenet_wnids, map_classes)
 from vmamba_cli.model import VMambaConfig, VSSM
@@ -283,3 +283,15 @@ def test_nan_logits_are_counted_and_never_correct(digits):
     doc = result.to_dict()
     assert doc["loss"] is None and doc["num_nonfinite"] == 6
     json.dumps(doc, allow_nan=False)  # a valid JSON document, no NaN literal
+
+
+def test_preprocessing_recorded_by_training_is_used_unless_given(digits, tmp_path):
+    data, samples, model, _ = digits
+    # What `vmamba train` records: the training size and the crop of its held-out evaluation.
+    weights = save_model(tmp_path / "trained.safetensors", model, preprocess=Preprocess(input_size=40, crop_pct=1.0))
+    recorded = evaluate(data, weights=weights, device="cpu", workers=0, limit=4)
+    assert (recorded.resolution, recorded.crop_pct) == (40, 1.0)
+    given = evaluate(data, weights=weights, resolution=RESOLUTION, crop_pct=CROP_PCT, device="cpu", workers=0, limit=4)
+    assert (given.resolution, given.crop_pct) == (RESOLUTION, CROP_PCT)
+    plain = evaluate(data, model, device="cpu", workers=0, limit=4)  # a module without a checkpoint: defaults
+    assert (plain.resolution, plain.crop_pct) == (224, 0.875)

@@ -53,7 +53,7 @@ def test_golden_patch_embed(golden, golden_model):
 
 
 def test_golden_first_block_intermediates(golden, golden_model):
-    """Walk layers.0.blocks.0 by hand and compare every stored intermediate (spec §11)."""
+    """Walk layers.0.blocks.0 by hand and compare every stored intermediate (docs/design.md §11)."""
     _, t = golden
     dbg = {k[len("debug.l0b0."):]: v for k, v in t.items() if k.startswith("debug.l0b0.")}
     block = golden_model.layers[0].blocks[0]
@@ -172,7 +172,7 @@ def _perturbed(cfg: VMambaConfig, seed: int = 0) -> VSSM:
 
 @pytest.mark.parametrize("family", ["v0", "v2"])
 def test_layouts_are_interchangeable(family):
-    """Channel-first and channel-last builds share keys and give the same logits (spec §3.1)."""
+    """Channel-first and channel-last builds share keys and give the same logits (docs/design.md §3.1)."""
     first = _perturbed(_small(family, True))
     last = VSSM(_small(family, False)).eval()
     last.load_state_dict(first.state_dict(), strict=True)

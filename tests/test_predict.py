@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from vmamba_cli.cli import app
 from vmamba_cli.data import eval_transform, imagenet_class_names, load_image
-from vmamba_cli.model import VMambaConfig, VSSM
+from vmamba_cli.model import Preprocess, VMambaConfig, VSSM
 from vmamba_cli.predict import predict
 from vmamba_cli.weights import load_model, save_model
 
@@ -70,9 +70,9 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
-def _direct_top(model, paths: list[Path], resolution: int, k: int):
+def _direct_top(model, paths: list[Path], resolution: int, k: int, crop_pct: float | None = None):
     """Top-k of the same photos, preprocessed here and run as one batch of a separately loaded model."""
-    x = torch.stack([eval_transform(resolution)(load_image(p)) for p in paths])
+    x = torch.stack([eval_transform(resolution, crop_pct)(load_image(p)) for p in paths])
     with torch.no_grad():
         values, indices = model(x).softmax(-1).topk(k, dim=-1)
     return indices.tolist(), values.tolist()
@@ -136,10 +136,11 @@ def test_cli_json_document_and_exit_status(tmp_path, photos, weights_file):
                                  "--batch-size", "2", str(photos / "*.jpg"), str(bad["text"]), str(bad["missing"])])
     assert result.exit_code == 1
     document = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
-    assert set(document) == {"model", "weights", "device", "resolution", "topk", "amp", "predictions",
+    assert set(document) == {"model", "weights", "device", "resolution", "crop_pct", "topk", "amp", "predictions",
                              "failures", "seconds"}
     assert document["model"] == "custom" and document["weights"] == str(weights_file)
-    assert document["topk"] == 3 and document["resolution"] == 224 and document["amp"] is False
+    assert document["topk"] == 3 and document["resolution"] == 224 and document["amp"] == "none"
+    assert document["crop_pct"] == pytest.approx(224 / 256)
     assert [Path(p["path"]).name for p in document["predictions"]] == ["astronaut.jpg", "chelsea.jpg"]
     for prediction in document["predictions"]:
         assert [set(s) for s in prediction["top"]] == [{"index", "label", "probability"}] * 3
@@ -156,15 +157,31 @@ def test_cli_table_on_stderr(photos, weights_file, monkeypatch):
     monkeypatch.chdir(photos)
     expected = predict(["chelsea.jpg", "coffee.png"], weights=weights_file, topk=2, device="cpu")
     result = runner.invoke(app, ["predict", "chelsea.jpg", "coffee.png", "-w", str(weights_file), "-k", "2",
-                                 "--amp"])
+                                 "--amp", "none"])
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    assert "--amp only applies on CUDA" in result.stderr
     for prediction in expected.predictions:
         assert prediction.path in result.stderr
         for score in prediction.top:
             assert score.label in result.stderr and f"{score.probability:.4f}" in result.stderr
     assert "2 image(s) predicted" in result.stderr
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_is_spelled_like_every_command(photos, weights_file, amp):
+    """--amp auto|none|bf16|fp16 (vmamba_cli.runtime): autocast on CPU too, close to float32."""
+    files = [str(photos / "chelsea.jpg"), str(photos / "coffee.png")]
+    full = predict(files, weights=weights_file, topk=1, device="cpu", amp="none")
+    assert predict(files, weights=weights_file, topk=1, device="cpu").amp == "none"  # auto: float32 on CPU
+    result = runner.invoke(app, ["predict", *files, "-w", str(weights_file), "-k", "1", "--device", "cpu",
+                                 "--amp", amp, "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["amp"] == amp
+    for low, high in zip(document["predictions"], full.predictions):
+        assert low["top"][0]["probability"] == pytest.approx(high.top[0].probability, abs=0.05)
+    result = runner.invoke(app, ["predict", *files, "-w", str(weights_file), "--amp", "fp32"])
+    assert result.exit_code == 2 and "must be one of auto, none, bf16, fp16" in result.stderr
 
 
 def test_labels_from_file_and_from_checkpoint_metadata(tmp_path, photos, weights_file):
@@ -213,3 +230,45 @@ def test_options_are_checked(photos, weights_file):
     assert result.exit_code == 2  # usage error from the option's range
     with pytest.raises(ValueError, match="topk"):
         predict([photos], weights=weights_file, topk=0)
+
+
+def test_checkpoint_preset_sets_the_input_size(tmp_path, photos):
+    """A model saved with a 32x32 preset (what `vmamba train` records) predicts at 32 without flags."""
+    model = _small_model(1000, seed=2)
+    preset = Preprocess(input_size=32, crop_pct=1.0)
+    path = tmp_path / "trained32.safetensors"
+    save_model(path, model, preprocess=preset)
+    loaded = load_model(weights=path)
+    assert loaded.preprocess == preset
+
+    files = [photos / "chelsea.jpg", photos / "coffee.png"]
+    report = predict(files, weights=path, topk=5, device="cpu")
+    assert report.resolution == 32 and report.crop_pct == 1.0
+    indices, values = _direct_top(model, files, 32, 5, crop_pct=1.0)
+    for prediction, want_indices, want_values in zip(report.predictions, indices, values):
+        assert [s.index for s in prediction.top] == want_indices
+        np.testing.assert_allclose([s.probability for s in prediction.top], want_values, atol=1e-5, rtol=1e-4)
+    # The default 224 pipeline gives other inputs, so the check above depends on the preset.
+    other = predict(files, weights=path, topk=5, device="cpu", resolution=224, crop_pct=224 / 256)
+    assert other.resolution == 224
+    assert [[s.index for s in p.top] for p in other.predictions] != indices
+
+    result = runner.invoke(app, ["predict", str(files[0]), "-w", str(path), "--json", "--crop-pct", "0.5"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["resolution"] == 32 and document["crop_pct"] == 0.5
+
+
+def test_preset_of_registered_models_and_plain_files(tmp_path):
+    from vmamba_cli.model import MODELS
+
+    assert all(spec.preprocess == Preprocess() for spec in MODELS.values())
+    assert Preprocess().resize_size == 256 and Preprocess().interpolation == "bicubic"
+    # A file saved without a preset records the standard one.
+    path2 = tmp_path / "default.safetensors"
+    save_model(path2, _small_model(1000, seed=3))
+    assert load_model(weights=path2).preprocess == Preprocess()
+    with pytest.raises(ValueError, match="crop_pct"):
+        Preprocess(crop_pct=1.5)
+    with pytest.raises(ValueError, match="unknown preprocessing keys"):
+        Preprocess.from_dict({"input_size": 32, "size": 3})

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from vmamba_cli.model import VMambaConfig, VSSM
-from vmamba_cli.schedule import ModelEma, WarmupCosineSchedule, no_decay_names, scale_lr, weight_decay_groups
-from vmamba_cli.train import (STATE_FILE, TrainingDiverged, config_for_resume, read_metrics, read_state, train)
-from vmamba_cli.train_config import TrainConfig, apply_overrides, load_config, parse_assignment
-from vmamba_cli.train_data import (MixupCutmix, ResumableDistributedSampler, digits_arrays, image_folder_samples,
+from vmamba_cli.train import (STATE_FILE, TrainConfig, TrainingDiverged, apply_overrides, config_for_resume,
+                              load_config, parse_assignment, read_metrics, read_state, train)
+from vmamba_cli.train.data import (MixupCutmix, ResumableDistributedSampler, digits_arrays, image_folder_samples,
                                    train_transform)
+from vmamba_cli.train.schedule import ModelEma, WarmupCosineSchedule, no_decay_names, scale_lr, weight_decay_groups
 
 # A tiny VMamba on 16x16 digits: a few seconds per epoch on one CPU thread.
 TINY = {
@@ -224,7 +224,7 @@ def test_resume_after_ctrl_c_is_exact(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import vmamba_cli.train as train_module
+    import vmamba_cli.train.loop as train_module
 
     real_loss = train_module.soft_target_cross_entropy
     calls = {"n": 0}
@@ -353,6 +353,8 @@ def test_cli_finetunes_from_pretrained_on_an_image_folder(tmp_path):
         assert (run / name).exists(), name
     loaded = load_model(None, run / "last.safetensors")
     assert loaded.class_names == ["cat", "dog", "eel"] and loaded.model.config.num_classes == 3
+    # The checkpoint records its preprocessing, so predict / eval use 16 px without flags.
+    assert (loaded.preprocess.input_size, loaded.preprocess.crop_pct) == (16, 0.875)
     # The backbone started from the pretrained weights (not a fresh init): the stem moved only by training.
     stem_before = source.state_dict()["patch_embed.0.weight"]
     stem_after = loaded.model.state_dict()["patch_embed.0.weight"]

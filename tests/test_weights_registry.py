@@ -227,8 +227,18 @@ def test_cache_dir_follows_vmamba_home(monkeypatch, tmp_path):
     monkeypatch.setenv("VMAMBA_HOME", str(tmp_path / "vh"))
     assert cache_dir() == tmp_path / "vh" / "checkpoints"
     monkeypatch.delenv("VMAMBA_HOME")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
     assert cache_dir() == tmp_path / "user" / ".cache" / "vmamba" / "checkpoints"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "vmamba" / "checkpoints"
+
+
+def test_one_cache_root_for_checkpoints_and_kernels(monkeypatch, tmp_path):
+    from vmamba_cli.kernels.cache import cache_root
+
+    monkeypatch.setenv("VMAMBA_HOME", str(tmp_path / "vh"))
+    assert cache_root() == tmp_path / "vh" and cache_dir().parent == cache_root()
 
 
 # ------------------------------------------------------------------------------------------------

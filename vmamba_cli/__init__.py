@@ -1,9 +1,13 @@
-"""vmamba: the VMamba vision backbone as a tool (model, kernels, weights, command line)."""
+"""vmamba: the VMamba vision backbone as a tool (model, kernels, weights, command line).
 
-__version__ = "0.1.0"
+This module only re-exports the public API; modules of the package import from the defining module
+(vmamba_cli.model, vmamba_cli.weights, vmamba_cli.version), never from here.
+"""
 
-from vmamba_cli.model import (MODELS, VMambaConfig, VSSM, create_model, from_official_config,  # noqa: E402
-                              get_model_spec, list_models)
+from vmamba_cli.version import __version__
+from vmamba_cli.model import (MODELS, Preprocess, VMambaConfig, VSSM, from_official_config, get_model_spec,
+                              list_models)
+from vmamba_cli.weights import create_model  # create_model(name, weights=...) loads a checkpoint too
 
-__all__ = ["__version__", "MODELS", "VMambaConfig", "VSSM", "create_model", "from_official_config",
+__all__ = ["__version__", "MODELS", "Preprocess", "VMambaConfig", "VSSM", "create_model", "from_official_config",
            "get_model_spec", "list_models"]

@@ -6,11 +6,27 @@ import importlib
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-from vmamba_cli import __version__
 from vmamba_cli.commands import COMMAND_MODULES
+from vmamba_cli.commands._common import report_error
+from vmamba_cli.errors import VMambaError
+from vmamba_cli.version import __version__
+
+
+class _VMambaGroup(TyperGroup):
+    """The root command group: every subcommand runs inside it, so a ``VMambaError`` from any
+    command (or the library it calls) is reported here once, as one line and its exit status."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except VMambaError as exc:
+            raise report_error(exc) from None
+
 
 app = typer.Typer(
+    cls=_VMambaGroup,
     name="vmamba",
     help="VMamba vision backbone: predict, evaluate, train, profile and visualise effective receptive fields.",
     no_args_is_help=True,

@@ -1,4 +1,4 @@
-"""Images in, tensors out: robust image reading, input discovery and the official eval transform."""
+"""Images in, tensors out: robust image reading, the one image scanner and the official eval transform."""
 
 from __future__ import annotations
 
@@ -8,19 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from vmamba_cli.errors import ImageError
+from vmamba_cli.model import (DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, Preprocess,  # noqa: F401
+                              imagenet_class_names)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_CROP_PCT = 224 / 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
-
-
-class ImageError(Exception):
-    """An input that is not a usable image; ``str(err)`` is one line naming the file."""
-
-    def __init__(self, path, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
 
 
 def load_image(path: str | os.PathLike):
@@ -72,31 +64,83 @@ def _to_rgb(im):
     return im.convert("RGB") if im.mode != "RGB" else im.copy()
 
 
-def eval_transform(resolution: int = 224, crop_pct: float = DEFAULT_CROP_PCT):
-    """Official evaluation preprocessing (spec §9): resize the short side to resolution/crop_pct
-    (bicubic), center-crop ``resolution``, scale to [0, 1], ImageNet mean/std."""
-    from torchvision import transforms as T
+def eval_transform(preprocess: Preprocess | int | None = None, crop_pct: float | None = None, *,
+                   resolution: int | None = None):
+    """The official evaluation pipeline of ``preprocess`` (docs/design.md §10): resize the short side
+    to ``input_size / crop_pct``, center-crop ``input_size``, scale to [0, 1], normalise.
 
-    return T.Compose([
-        T.Resize(int(resolution / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(resolution),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ``preprocess`` is a model's preset (``LoadedModel.preprocess``, ``ModelSpec.preprocess``), or an
+    int input size over the default preset, or None for the default (224 from 256, bicubic, ImageNet
+    mean/std). ``resolution`` / ``crop_pct`` override the preset's values when not None. Takes PIL
+    images (resized by PIL, as the official pipeline does) and uint8 image tensors alike; with
+    crop_pct 1 and an image already at the input size it only normalises.
+    """
+    import torch
+    from torchvision.transforms import v2
+
+    if preprocess is None:
+        preprocess = Preprocess()
+    elif not isinstance(preprocess, Preprocess):
+        resolution = int(preprocess) if resolution is None else resolution
+        preprocess = Preprocess()
+    preprocess = preprocess.with_overrides(input_size=resolution, crop_pct=crop_pct)
+    interpolation = v2.InterpolationMode(preprocess.interpolation)
+    return v2.Compose([
+        v2.Resize(preprocess.resize_size, interpolation=interpolation, antialias=True),
+        v2.CenterCrop(preprocess.input_size),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(preprocess.mean), list(preprocess.std)),
     ])
 
 
 @dataclass
 class InputScan:
-    """Image files found for a list of user inputs, and the inputs that matched nothing."""
+    """Image files found for a list of inputs, the inputs that matched nothing, and how many other
+    (non-image) files the folder walks passed over."""
 
     files: list[Path]
     errors: list[ImageError]
+    ignored: int = 0
+
+
+def _walk_folder(folder: Path) -> tuple[list[Path], int]:
+    """Image files under ``folder`` by extension (recursive, symlinks followed once, hidden names
+    skipped), in path order, and the number of other files."""
+    found: list[Path] = []
+    ignored = 0
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink back up the tree: walk each real folder once
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath, name))
+            else:
+                ignored += 1
+    return sorted(found), ignored
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> InputScan:
-    """Expand files, folders (recursively, image extensions only) and glob patterns, keeping order."""
+    """The image scanner of predict, eval and train: files, folders and glob patterns -> image files.
+
+    * a folder: its image files by extension (``IMAGE_EXTENSIONS``), recursively, hidden names
+      skipped, sorted by path; "folder contains no images" when there is none;
+    * an existing file: taken whatever its extension (the user named it);
+    * a glob pattern (``**`` recursive): the files it matches, sorted; "pattern matched no files";
+    * anything else: "no such file".
+    Inputs keep their order, a file found twice is kept once. Problems are collected in ``errors``
+    (``ImageError`` naming the input), never raised, so callers decide whether they are fatal.
+    """
     files: list[Path] = []
     errors: list[ImageError] = []
+    ignored = 0
     seen: set[Path] = set()
 
     def add(p: Path):
@@ -108,13 +152,14 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> InputScan:
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found, skipped = _walk_folder(path)
+            ignored += skipped
             if not found:
                 errors.append(ImageError(path, "folder contains no images"))
             for p in found:
                 add(p)
         elif path.exists():
-            add(path)  # explicit files are tried whatever their extension
+            add(path)
         elif glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
             if not matches:
@@ -123,16 +168,8 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> InputScan:
                 add(p)
         else:
             errors.append(ImageError(path, "no such file"))
-    return InputScan(files, errors)
+    return InputScan(files, errors, ignored)
 
 
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in index order.
-
-    Shipped as a text file (the list torchvision carries in its weight metadata) so that reading it
-    does not pay for importing torchvision.models.
-    """
-    from importlib.resources import files
-
-    return files("vmamba_cli").joinpath("imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
-
+__all__ = ["DEFAULT_CROP_PCT", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageError", "InputScan",
+           "Preprocess", "eval_transform", "find_images", "imagenet_class_names", "load_image"]

@@ -14,7 +14,6 @@ dataset size. Images that cannot be read are counted and listed as failures, nev
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -28,19 +27,14 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from vmamba_cli.device import select_device
-from vmamba_cli.data import DEFAULT_CROP_PCT, IMAGE_EXTENSIONS, ImageError, eval_transform, load_image
+from vmamba_cli.data import IMAGE_EXTENSIONS, Preprocess, eval_transform, find_images, load_image
+from vmamba_cli.errors import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EXIT_USAGE, DataError, ImageError,  # noqa: F401
+                               InputError)
+from vmamba_cli.metrics import TOPK, TopKAccumulator
+from vmamba_cli.runtime import Dist, amp_name, autocast, process_group, resolve_amp
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
-TOPK = 5
-
-# Exit statuses of `vmamba eval` (documented in docs/eval.md).
-EXIT_OK = 0
-EXIT_ERROR = 1            # nothing evaluated: bad weights, folder, class mismatch, device
-EXIT_USAGE = 2            # bad command line (Typer/Click)
-EXIT_IMAGE_FAILURES = 3   # evaluation finished, but some images could not be read
 
 
 @lru_cache(maxsize=1)
@@ -72,12 +66,12 @@ class ClassMapping:
 def class_folders(data_dir: str | os.PathLike) -> list[str]:
     root = Path(data_dir)
     if not root.exists():
-        raise ValueError(f"{root}: no such folder")
+        raise DataError(f"{root}: no such folder")
     if not root.is_dir():
-        raise ValueError(f"{root}: not a folder (expected one sub-folder per class)")
+        raise DataError(f"{root}: not a folder (expected one sub-folder per class)")
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not folders:
-        raise ValueError(f"{root}: no class sub-folders (expected one sub-folder per class)")
+        raise DataError(f"{root}: no class sub-folders (expected one sub-folder per class)")
     return folders
 
 
@@ -101,7 +95,7 @@ def map_classes(data_dir: str | os.PathLike, num_classes: int,
     hint = (" (the folders are ImageNet WordNet ids, which need a 1000-class head)" if is_imagenet else
             " (folders map to classes in sorted order unless they are ImageNet WordNet ids or match "
             "the checkpoint's class names)")
-    raise ValueError(f"{Path(data_dir)}: {len(folders)} class folders but the model head has "
+    raise DataError(f"{Path(data_dir)}: {len(folders)} class folders but the model head has "
                      f"{num_classes} classes{hint}")
 
 
@@ -118,19 +112,12 @@ def scan_image_folder(data_dir: str | os.PathLike, mapping: ClassMapping) -> Fol
     samples: list[tuple[str, int]] = []
     ignored = 0
     for folder, index in zip(mapping.folders, mapping.indices):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append(os.path.join(dirpath, name))
-                else:
-                    ignored += 1
-        samples.extend((path, index) for path in sorted(found))
+        # An empty class folder only adds no samples (its "contains no images" is not an error here).
+        scan = find_images([root / folder])
+        samples.extend((str(path), index) for path in scan.files)
+        ignored += scan.ignored
     if not samples:
-        raise ValueError(f"{root}: no images in its class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root}: no images in its class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return FolderScan(samples, ignored)
 
 
@@ -306,64 +293,6 @@ class EvalResult:
         return atomic_write(path, write)
 
 
-# -- distributed ---------------------------------------------------------------------------------------
-
-def _launched_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _group_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank_and_world_size() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return dist.get_rank(), dist.get_world_size()
-
-
-@contextlib.contextmanager
-def process_group(device: str | torch.device = "auto"):
-    """Join the torch.distributed group that torchrun describes in the environment (gloo on CPU, nccl
-    on CUDA) and leave it on exit; yields (rank, world_size). Does nothing in a plain single process,
-    and reuses a group the caller already created."""
-    if _group_initialized():
-        yield _rank_and_world_size()
-        return
-    if not _launched_distributed():
-        yield 0, 1
-        return
-    import torch.distributed as dist
-
-    if "MASTER_ADDR" not in os.environ:
-        raise ValueError("WORLD_SIZE is set but not MASTER_ADDR: launch multi-process evaluation with "
-                         "`torchrun --nproc-per-node N -m vmamba_cli eval ...`")
-    dev = _resolve_device(device, True)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    try:
-        yield _rank_and_world_size()
-    finally:
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    """Wait for every process of the group (no-op outside torch.distributed)."""
-    if _group_initialized():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _resolve_device(device: str | torch.device, distributed: bool) -> torch.device:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else None
-    dev = select_device(device, local_rank=local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return dev
-
-
 # -- evaluation ----------------------------------------------------------------------------------------
 
 def evaluate(
@@ -373,13 +302,12 @@ def evaluate(
     *,
     ema: bool = False,
     class_names: Sequence[str] | None = None,
-    resolution: int = 224,
-    crop_pct: float = DEFAULT_CROP_PCT,
+    resolution: int | None = None,
+    crop_pct: float | None = None,
     device: str | torch.device = "auto",
     batch_size: int = 64,
     workers: int | None = None,
-    amp: bool = False,
-    amp_dtype: str | None = None,
+    amp: str = "auto",
     limit: int | None = None,
     predictions: bool = False,
     progress: bool = False,
@@ -389,61 +317,48 @@ def evaluate(
 
     ``model`` is a registered name (built with ``vmamba_cli.weights.load_model(model, weights, ema=ema)``)
     or an ``nn.Module`` (then ``weights`` is ignored and ``class_names`` may name its classes).
+    ``resolution`` / ``crop_pct`` left at None take the model's preset (docs/design.md §10): the one a
+    checkpoint records (e.g. the input size a model was trained at), else the registered model's. ``amp`` is an ``--amp`` value (``vmamba_cli.runtime.resolve_amp``).
     ``distributed=None`` joins a torch.distributed group when launched by torchrun (``WORLD_SIZE`` > 1):
     gloo on CPU, nccl on CUDA. Every process returns the same totals; ``result.is_main_process`` says
     which one should print and write files. ``limit`` keeps the first N images (folder order).
     """
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if resolution < 1:
-        raise ValueError(f"resolution must be positive, got {resolution}")
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    if resolution is not None and resolution < 1:
+        raise InputError(f"resolution must be positive, got {resolution}")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+        raise InputError(f"limit must be at least 1, got {limit}")
 
-    if distributed is None:
-        distributed = _launched_distributed() or _group_initialized()
-    dev = _resolve_device(device, distributed)
-    with process_group(dev) if distributed else contextlib.nullcontext():
-        rank, world_size = (_rank_and_world_size() if distributed else (0, 1))
+    with process_group(device, distributed=distributed) as dist:
         return _evaluate(data_dir, model, weights, ema=ema, class_names=class_names, resolution=resolution,
-                         crop_pct=crop_pct, dev=dev, batch_size=batch_size, workers=workers, amp=amp,
-                         amp_dtype=amp_dtype, limit=limit, predictions=predictions, progress=progress,
-                         rank=rank, world_size=world_size)
+                         crop_pct=crop_pct, dist=dist, batch_size=batch_size, workers=workers,
+                         amp_dtype=resolve_amp(amp, dist.device), limit=limit, predictions=predictions,
+                         progress=progress)
 
 
-def _amp_dtype(dev: torch.device, amp: bool, amp_dtype: str | None) -> torch.dtype | None:
-    if not amp:
-        return None
-    if amp_dtype is None:
-        return torch.float16 if dev.type == "cuda" else torch.bfloat16
-    dtypes = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if amp_dtype not in dtypes:
-        raise ValueError(f"amp dtype must be float16 or bfloat16, got {amp_dtype!r}")
-    return dtypes[amp_dtype]
-
-
-def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pct, dev, batch_size, workers,
-              amp, amp_dtype, limit, predictions, progress, rank, world_size) -> EvalResult:
+def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pct, dist: Dist, batch_size, workers,
+              amp_dtype, limit, predictions, progress) -> EvalResult:
+    dev, rank, world_size = dist.device, dist.rank, dist.world_size
     if isinstance(model, torch.nn.Module):
-        net, model_name, source = model, type(model).__name__, None
+        net, model_name, source, preset = model, type(model).__name__, None, Preprocess()
         names = list(class_names) if class_names is not None else None
     else:
         from vmamba_cli.weights import load_model
 
         loaded = load_model(model, weights, ema=ema)
-        net, model_name, source = loaded.model, loaded.name, loaded.source
+        net, model_name, source, preset = loaded.model, loaded.name, loaded.source, loaded.preprocess
         names = list(class_names) if class_names is not None else loaded.class_names
+    preset = preset.with_overrides(input_size=resolution, crop_pct=crop_pct)
     num_classes = _num_classes(net)
     mapping = map_classes(data_dir, num_classes, names)
     scan = scan_image_folder(data_dir, mapping)
     samples = scan.samples[:limit] if limit else scan.samples
-    k = min(TOPK, num_classes)
-    autocast_dtype = _amp_dtype(dev, amp, amp_dtype)
 
     # Shard by stride, without padding: each image lands on exactly one process.
-    dataset = EvalImageDataset(samples, eval_transform(resolution, crop_pct),
+    dataset = EvalImageDataset(samples, eval_transform(preset),
                                indices=range(rank, len(samples), world_size))
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // world_size - 1))
@@ -452,9 +367,7 @@ def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pc
                                          persistent_workers=False)
     net = net.to(dev).eval()
 
-    # Running sums stay on the device (no sync per batch): correct top-1, correct top-k, images,
-    # images with non-finite logits, summed loss. float64 holds counts exactly up to 2**53.
-    totals = torch.zeros(5, dtype=torch.float64, device=dev)
+    accumulator = TopKAccumulator(num_classes, TOPK, dev)
     failures: list[tuple[int, str]] = []
     rows: list[tuple[int, int, list[int], list[float]]] = []
     bar = None
@@ -470,18 +383,9 @@ def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pc
             if batch.images is not None:
                 images = batch.images.to(dev, non_blocking=True)
                 targets = batch.targets.to(dev, non_blocking=True)
-                if autocast_dtype is not None:
-                    with torch.autocast(dev.type, dtype=autocast_dtype):
-                        logits = net(images)
-                else:
+                with autocast(dev, amp_dtype):
                     logits = net(images)
-                logits = logits.double()
-                finite = torch.isfinite(logits).all(dim=1)
-                top_probs, top_idx = logits.softmax(dim=1).topk(k, dim=1)
-                hits = (top_idx == targets[:, None]) & finite[:, None]  # NaN logits are never right
-                totals += torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                                       logits.new_tensor(float(len(targets))), (~finite).sum().double(),
-                                       F.cross_entropy(logits, targets, reduction="sum")])
+                top_idx, top_probs = accumulator.update(logits, targets)
                 if predictions:
                     for i, t, idx, p in zip(batch.indices.tolist(), batch.targets.tolist(),
                                             top_idx.cpu().tolist(), top_probs.float().cpu().tolist()):
@@ -492,20 +396,11 @@ def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pc
     if bar is not None:
         bar.close()
 
-    totals = torch.cat([totals[:4], totals.new_tensor([len(failures)]), totals[4:]])
-    if world_size > 1:
-        import torch.distributed as dist
-
-        totals = totals if dist.get_backend() == "nccl" else totals.cpu()
-        dist.all_reduce(totals)
-    *counts, loss_sum = totals.tolist()
-    correct1, correctk, count, nonfinite, num_failed = (int(round(v)) for v in counts)
-    if world_size > 1:
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, (failures, rows if predictions else None))
-        failures = [f for part in gathered for f in part[0]]
-        if predictions:
-            rows = [r for part in gathered for r in part[1]]
+    totals = accumulator.totals(dist)
+    gathered = dist.all_gather((failures, rows if predictions else None))
+    failures = [f for part in gathered for f in part[0]]
+    if predictions:
+        rows = [r for part in gathered for r in part[1]]
     wall = time.perf_counter() - start
 
     failures.sort()
@@ -519,11 +414,12 @@ def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pc
 
     return EvalResult(
         model=model_name, weights=source, data_dir=str(data_dir), class_mapping=mapping.kind,
-        num_classes=num_classes, num_class_folders=len(mapping.folders), num_images=count,
-        num_failed=num_failed, correct_top1=correct1, correct_top5=correctk, top5_k=k, loss_sum=loss_sum,
-        wall_time_s=wall, resolution=resolution, crop_pct=crop_pct, device=str(dev), batch_size=batch_size,
-        world_size=world_size, amp=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
-        ema=ema, ignored_files=scan.ignored, num_nonfinite=nonfinite, failures=failure_list, predictions=prediction_list,
+        num_classes=num_classes, num_class_folders=len(mapping.folders), num_images=totals.count,
+        num_failed=len(failures), correct_top1=totals.correct_top1, correct_top5=totals.correct_topk,
+        top5_k=totals.k, loss_sum=totals.loss_sum, wall_time_s=wall, resolution=preset.input_size, crop_pct=preset.crop_pct,
+        device=str(dev), batch_size=batch_size, world_size=world_size,
+        amp=amp_name(amp_dtype) if amp_dtype is not None else None, ema=ema, ignored_files=scan.ignored,
+        num_nonfinite=totals.nonfinite, failures=failure_list, predictions=prediction_list,
         class_names=mapping.class_names, rank=rank,
     )
 
@@ -536,12 +432,12 @@ def _num_classes(net: torch.nn.Module) -> int:
     config = getattr(net, "config", None)
     n = getattr(config, "num_classes", None) or getattr(net, "num_classes", None)
     if not n:
-        raise ValueError("the model has no classifier head (num_classes is 0)")
+        raise InputError("the model has no classifier head (num_classes is 0)")
     return int(n)
 
 
 __all__ = [
     "EXIT_ERROR", "EXIT_IMAGE_FAILURES", "EXIT_OK", "EXIT_USAGE", "ClassMapping", "EvalBatch", "EvalFailure",
-    "EvalImageDataset", "EvalResult", "barrier", "EvalSample", "Prediction", "class_folders", "collate_eval", "evaluate",
-    "imagenet_wnids", "map_classes", "process_group", "scan_image_folder",
+    "EvalImageDataset", "EvalResult", "EvalSample", "Prediction", "class_folders", "collate_eval", "evaluate",
+    "imagenet_wnids", "map_classes", "scan_image_folder",
 ]

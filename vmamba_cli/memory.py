@@ -3,7 +3,7 @@
 glibc returns every large freed buffer to the OS, so each new large temporary page-faults afresh;
 PyTorch's CPU allocator does no caching of its own. Raising malloc's mmap and trim thresholds keeps
 freed blocks in the heap for reuse: measured on a 2-core EPYC, 1.0-1.9x faster torchvision CNN
-inference and up to 3.8x faster allocation-heavy scans (docs/kernels-cpu.md, machine-facts §5).
+inference and up to 3.8x faster allocation-heavy scans (docs/kernels-cpu.md, docs/design.md §12.5).
 """
 
 from __future__ import annotations

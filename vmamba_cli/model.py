@@ -6,14 +6,16 @@
   after every mixer, 3x3 stride-2 conv downsampling, activations kept channel-first (NCHW).
 
 State-dict keys and shapes are the official ones, so released checkpoints load with strict=True
-(see ``vmamba_cli.weights`` for reading the files). ``VMambaConfig`` holds the architecture;
-``MODELS`` the nine released variants with their reported numbers.
+(``vmamba_cli.weights`` reads the files; this module reads none). ``VMambaConfig`` holds the
+architecture, ``Preprocess`` how images become inputs, ``MODELS`` the nine released variants with
+their reported numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from importlib.resources import files as _package_files
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vmamba_cli.flops import in_dispatch_mode
-from vmamba_cli.kernels import cross_selective_scan
+from vmamba_cli.errors import UnknownModelError
+from vmamba_cli.kernels import NUM_DIRECTIONS, cross_selective_scan, in_dispatch_mode
 
 LN_EPS = 1e-5
-NUM_DIRECTIONS = 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,6 +150,87 @@ def _parse_forward_type(forward_type: str) -> tuple[bool, bool]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Preprocessing preset
+# ------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The released models were evaluated at 224 after resizing the short side to 256 (docs/design.md §10).
+DEFAULT_CROP_PCT = 224 / 256
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a model input at evaluation, like timm's pretrained cfg.
+
+    Resize the short side to ``resize_size`` (``input_size / crop_pct``) with ``interpolation``,
+    center-crop ``input_size``, scale to [0, 1], normalise with ``mean`` / ``std``. Each registered
+    model carries one; checkpoints written by ``vmamba_cli.weights.save_model`` record it, so predict,
+    eval and erf use a trained model's own input size and crop without flags.
+    """
+
+    input_size: int = 224
+    crop_pct: float = DEFAULT_CROP_PCT
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        if not isinstance(self.input_size, int) or isinstance(self.input_size, bool) or self.input_size < 1:
+            raise ValueError(f"input size must be a positive integer, got {self.input_size!r}")
+        if not 0.0 < float(self.crop_pct) <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean {self.mean} and std {self.std} must be non-empty and of one length")
+        if any(float(s) <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    @property
+    def resize_size(self) -> int:
+        """Short side before the center crop."""
+        return int(self.input_size / self.crop_pct)
+
+    def with_overrides(self, *, input_size: int | None = None, crop_pct: float | None = None) -> "Preprocess":
+        """This preset with the values the user gave (None keeps the preset's)."""
+        changes = {k: v for k, v in (("input_size", input_size), ("crop_pct", crop_pct)) if v is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        """Inverse of ``to_dict``; missing keys take the defaults, a bad value raises ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing preset must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {', '.join(unknown)}")
+        d = dict(d)
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (the head of every released model).
+
+    Shipped as a text file (the list torchvision carries in its weight metadata) so that reading it
+    does not pay for importing torchvision.models.
+    """
+    return _package_files("vmamba_cli").joinpath("imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
+
+
+# ------------------------------------------------------------------------------------------------
 # Layers
 # ------------------------------------------------------------------------------------------------
 
@@ -168,7 +250,7 @@ class LayerNorm(nn.LayerNorm):
         if not (x.is_cuda and x.is_contiguous() and self.elementwise_affine and self.bias is not None
                 and self.backend in ("auto", "triton") and not in_dispatch_mode()):
             return None
-        from vmamba_cli.kernels import layernorm_triton
+        from vmamba_cli.kernels.triton import layernorm as layernorm_triton
 
         return layernorm_triton.layer_norm_rows if layernorm_triton.is_available(x.device) else None
 
@@ -358,7 +440,7 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4):
-        """Official "v0" init of the scan parameters (spec §4)."""
+        """Official "v0" init of the scan parameters (docs/design.md §4)."""
         d_inner, rank, n = self.d_inner, self.dt_rank, self.d_state
         bound = d_inner ** -0.5  # nn.Linear(d_inner, .) default init
         self.x_proj_weight.uniform_(-bound, bound)
@@ -461,7 +543,7 @@ class VSSM(nn.Module):
     # -- init ---------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self):
-        """Official init: trunc-normal(0.02) linears, unit LayerNorms, PyTorch-default convs (spec §4)."""
+        """Official init: trunc-normal(0.02) linears, unit LayerNorms, PyTorch-default convs (docs/design.md §4)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -531,14 +613,6 @@ class VSSM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self._nchw(self._stages(x, keep_features=False)[0]))
 
-    # -- weights ---------------------------------------------------------------------------------
-    def load_checkpoint(self, path, *, ema: bool = False) -> "VSSM":
-        """Load an official ``.pth`` or our ``.safetensors`` file strictly (see vmamba_cli.weights)."""
-        from vmamba_cli.weights import load_weights_into
-
-        load_weights_into(self, path, ema=ema)
-        return self
-
 
 def from_official_config(config: dict[str, Any]) -> VSSM:
     """Build our model from the official ``VSSM(**kwargs)`` keyword set."""
@@ -554,7 +628,7 @@ RELEASE_URL = "https://github.com/MzeroMiko/VMamba/releases/download/{tag}/{file
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A released configuration with the authors' reported numbers (spec §1.2)."""
+    """A released configuration with the authors' reported numbers (docs/design.md §2.2)."""
 
     name: str
     config: VMambaConfig
@@ -567,6 +641,7 @@ class ModelSpec:
     params: int
     flops: int                  # official convention (one multiply-add = 1 FLOP), 224x224
     aliases: tuple[str, ...] = ()
+    preprocess: Preprocess = Preprocess()   # the official eval pipeline, 224 from a 256 short side
 
     @property
     def url(self) -> str:
@@ -634,7 +709,7 @@ def resolve_model_name(name: str) -> str:
 
         close = difflib.get_close_matches(key, list(_ALIASES), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint}; `vmamba models` lists them")
+        raise UnknownModelError(f"unknown model {name!r}{hint}; `vmamba models` lists them")
     return _ALIASES[key]
 
 
@@ -642,12 +717,8 @@ def get_model_spec(name: str) -> ModelSpec:
     return MODELS[resolve_model_name(name)]
 
 
-def create_model(name: str = DEFAULT_MODEL, *, weights=None, ema: bool = False, **overrides) -> VSSM:
-    """Build a registered model; ``overrides`` change config fields (e.g. num_classes, drop_path_rate).
-
-    ``weights`` is a local checkpoint path (official ``.pth`` or our ``.safetensors``) loaded strictly.
-    """
-    model = VSSM(get_model_spec(name).config, **overrides)
-    if weights is not None:
-        model.load_checkpoint(weights, ema=ema)
-    return model
+def create_model(name: str = DEFAULT_MODEL, **overrides) -> VSSM:
+    """Build a registered model with the official initialisation; ``overrides`` change config fields
+    (e.g. num_classes, drop_path_rate). ``vmamba_cli.create_model`` (``vmamba_cli.weights.create_model``)
+    also takes ``weights=`` to load a checkpoint."""
+    return VSSM(get_model_spec(name).config, **overrides)

@@ -16,12 +16,16 @@ from typing import Iterable, Sequence
 
 import torch
 
-from vmamba_cli.data import ImageError, eval_transform, find_images, load_image
-from vmamba_cli.device import select_device
+from vmamba_cli.data import eval_transform, find_images, load_image
+from vmamba_cli.errors import ImageError, InputError
+from vmamba_cli.model import DEFAULT_MODEL
+from vmamba_cli.runtime import AMP_CHOICES, amp_name, autocast, resolve_amp, select_device
+from vmamba_cli.weights import LoadedModel, load_model, read_class_names
 
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_RESOLUTION = 224
+MIN_RESOLUTION = 32
+DEFAULT_AMP = "auto"
 
 
 @dataclass
@@ -51,8 +55,9 @@ class PredictReport:
     weights: str | None
     device: str
     resolution: int
+    crop_pct: float
     topk: int
-    amp: bool
+    amp: str                          # precision used: "none" (float32), "bf16" or "fp16"
     predictions: list[Prediction] = field(default_factory=list)
     failures: list[PredictFailure] = field(default_factory=list)
     seconds: float = 0.0
@@ -66,20 +71,18 @@ class PredictReport:
 
 
 def _labels_for(loaded, labels: str | os.PathLike | Sequence[str] | None, num_classes: int) -> list[str]:
-    from vmamba_cli.weights import read_class_names
-
     if labels is None:
         names = loaded.class_names
     elif isinstance(labels, (str, os.PathLike)):
         names = read_class_names(labels)
         if names is None:
-            raise ValueError(f"{labels}: holds no class names")
+            raise InputError(f"{labels}: holds no class names")
         if len(names) != num_classes:
-            raise ValueError(f"{labels}: has {len(names)} class names but the model has {num_classes} classes")
+            raise InputError(f"{labels}: has {len(names)} class names but the model has {num_classes} classes")
     else:
         names = list(labels)
         if len(names) != num_classes:
-            raise ValueError(f"{len(names)} class names given but the model has {num_classes} classes")
+            raise InputError(f"{len(names)} class names given but the model has {num_classes} classes")
     if names is None or len(names) != num_classes:
         names = [f"class {i}" for i in range(num_classes)]
     return [str(n) for n in names]
@@ -91,7 +94,8 @@ def _load(path: Path, transform) -> torch.Tensor:
 
 def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, topk: int = DEFAULT_TOPK,
             device: str | torch.device = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
-            resolution: int = DEFAULT_RESOLUTION, amp: bool = False, ema: bool = False,
+            resolution: int | None = None, crop_pct: float | None = None, amp: str = DEFAULT_AMP,
+            ema: bool = False,
             labels: str | os.PathLike | Sequence[str] | None = None, progress: bool = False,
             workers: int | None = None) -> PredictReport:
     """Top-``topk`` classes for every image found in ``inputs`` (files, folders, glob patterns).
@@ -99,19 +103,23 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     ``model`` is a registered name (default vmamba-tiny) or an already loaded ``LoadedModel``;
     ``weights`` a local ``.pth``/``.safetensors``, a registry name or a URL. With neither
     ``weights`` nor a loaded model, the official checkpoint of ``model`` is used (downloaded once into
-    the cache). ``amp`` runs the forward in float16 autocast on CUDA and is ignored on CPU. Bad
-    weights raise ``CheckpointError``; bad images end up in ``report.failures``.
+    the cache). Images are preprocessed with the model's preset (``LoadedModel.preprocess``: the
+    input size and crop a checkpoint recorded); ``resolution`` / ``crop_pct`` override it. ``amp``
+    is the precision every command spells the same way (``vmamba_cli.runtime.resolve_amp``: auto,
+    none, bf16, fp16). Bad weights raise ``CheckpointError``; bad images end up in ``report.failures``.
     """
-    from vmamba_cli.model import DEFAULT_MODEL
-    from vmamba_cli.weights import LoadedModel, load_model
-
     if topk < 1:
-        raise ValueError(f"topk must be at least 1, got {topk}")
+        raise InputError(f"topk must be at least 1, got {topk}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if resolution < 32:
-        raise ValueError(f"resolution must be at least 32 pixels, got {resolution}")
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    if resolution is not None and resolution < MIN_RESOLUTION:
+        raise InputError(f"resolution must be at least {MIN_RESOLUTION} pixels, got {resolution}")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if amp not in AMP_CHOICES:
+        raise InputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     dev = select_device(device)
+    amp_dtype = resolve_amp(amp, dev)
     if isinstance(model, LoadedModel):
         loaded = model
     else:
@@ -120,14 +128,15 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     num_classes = net.config.num_classes
     names = _labels_for(loaded, labels, num_classes)
     k = min(topk, num_classes)
-    use_amp = amp and dev.type == "cuda"
+    preprocess = loaded.preprocess.with_overrides(input_size=resolution, crop_pct=crop_pct)
 
     start = time.perf_counter()
     scan = find_images(inputs)
-    report = PredictReport(model=loaded.name, weights=loaded.source, device=str(dev), resolution=resolution,
-                           topk=k, amp=use_amp)
+    report = PredictReport(model=loaded.name, weights=loaded.source, device=str(dev),
+                           resolution=preprocess.input_size, crop_pct=preprocess.crop_pct, topk=k,
+                           amp=amp_name(amp_dtype))
     report.failures.extend(PredictFailure(e.path, e.problem) for e in scan.errors)
-    transform = eval_transform(resolution)
+    transform = eval_transform(preprocess)
 
     from tqdm import tqdm
 
@@ -151,7 +160,7 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
                     report.failures.append(PredictFailure(exc.path, exc.problem))
             if tensors:
                 batch = torch.stack(tensors).to(dev, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                with autocast(dev, amp_dtype):
                     logits = net(batch)
                 probs = logits.float().softmax(dim=-1)
                 values, indices = probs.topk(k, dim=-1)

@@ -6,8 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmamba_cli.errors import InputError
+from vmamba_cli.model import get_model_spec, resolve_model_name
+from vmamba_cli.version import __version__
+
 from .download import sha256_of
 from .model_io import load_model, resolve_weights_path, save_model
+from .registry import model_for_file
 
 
 @dataclass
@@ -33,21 +38,16 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     Metadata: model name, config, official config, class names, source file name and SHA-256, the
     entry used and, for an official file, the reported top-1.
     """
-    from vmamba_cli import __version__
-    from vmamba_cli.model import get_model_spec, resolve_model_name
-
-    from .registry import model_for_file
-
     destination = Path(destination)
     if destination.suffix != ".safetensors":
-        raise ValueError(f"{destination}: the converted file must end in .safetensors")
+        raise InputError(f"{destination}: the converted file must end in .safetensors")
     source_path = resolve_weights_path(source, resolve_model_name(model) if model else None)
     if source_path.resolve() == destination.resolve():
-        raise ValueError(f"{destination}: source and destination are the same file")
+        raise InputError(f"{destination}: source and destination are the same file")
     official_name = model_for_file(source_path.name)
     name = resolve_model_name(model) if model else official_name
     if name is None:
-        raise ValueError(f"{source_path}: cannot tell which model this file holds from its name; "
+        raise InputError(f"{source_path}: cannot tell which model this file holds from its name; "
                          "pass --model NAME (`vmamba models` lists them)")
     loaded = load_model(name, source_path, ema=ema)
     extra = {
@@ -58,6 +58,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     }
     if official_name == name:
         extra["top1"] = get_model_spec(name).top1
-    save_model(destination, loaded.model, name=name, class_names=loaded.class_names, extra=extra)
+    save_model(destination, loaded.model, name=name, class_names=loaded.class_names,
+               preprocess=loaded.preprocess, extra=extra)
     return ConversionResult(str(source_path), str(destination), name, extra["source_entry"],
                             len(loaded.model.state_dict()), destination.stat().st_size, extra["source_sha256"])

@@ -193,7 +193,7 @@ def download_file(url: str, dest: str | os.PathLike, *, name: str | None = None,
                                   "set VMAMBA_HOME to a writable folder") from None
     tmp = Path(tmp_name)
     try:
-        from vmamba_cli import __version__
+        from vmamba_cli.version import __version__
 
         request = urllib.request.Request(url, headers={"User-Agent": f"vmamba/{__version__}"})
         try:

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 
 import torch
 
+from vmamba_cli.errors import CheckpointError
+
 FORMAT_TAG = "vmamba"
 
 # Legacy (January 2024) module names used by the v0 release checkpoints -> current names (docs/design.md §2.4).
@@ -40,12 +42,6 @@ _LEGACY_PREFIXES = (
 _LEGACY_BLOCK_PARTS = ((".ln_1.", ".norm."), (".self_attention.", ".op."))
 
 
-class CheckpointError(Exception):
-    """A weights file that cannot be used; ``str(err)`` is one line naming the file."""
-
-    def __init__(self, path, problem: str):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}")
 
 
 def _one_line(text: str, limit: int = 200) -> str:

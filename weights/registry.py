@@ -2,32 +2,32 @@
 
 One ``WeightsEntry`` per released model of ``vmamba_cli.model.MODELS`` (read on every call, so the
 registry never disagrees with the model list). Files are cached in ``$VMAMBA_HOME/checkpoints``
-(default ``~/.cache/vmamba/checkpoints``) under their release file name; ``sha256.json`` beside them
+(default ``~/.cache/vmamba/checkpoints``; ``vmamba_cli.kernels.cache.cache_root``) under their release file name; ``sha256.json`` beside them
 records each file's hash when it first arrives and every later use checks it.
 
-Importing this module installs ``resolve`` as the weights resolver of ``load_model``: a ``weights``
-argument that is not a local file but a model name (``vmamba-tiny``), an official file name
-(``vssm1_tiny_0230s_ckpt_epoch_264.pth``) or an http(s) URL becomes a cached local path.
+``resolve`` is how ``load_model`` (weights/model_io.py) reads a ``weights`` argument that is not a
+local file: a model name (``vmamba-tiny``), an official file name (``vssm1_tiny_0230s_ckpt_epoch_264.pth``)
+or an http(s) URL becomes a cached local path.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+from vmamba_cli.errors import UnknownModelError
+from vmamba_cli.kernels.cache import cache_root
+from vmamba_cli.model import MODELS, VSSM, resolve_model_name
+
 from .download import DownloadError, NetworkError, Sha256Store, download_file, sha256_of
 from .loading import CheckpointError, check_state_dict, checkpoint_filter_fn, read_state_dict
-from .model_io import register_weights_resolver
 
 if TYPE_CHECKING:
     from vmamba_cli.model import VMambaConfig
 
-HOME_ENV = "VMAMBA_HOME"
-DEFAULT_HOME = "~/.cache/vmamba"
 HASHES_FILE = "sha256.json"
 
 
@@ -40,7 +40,7 @@ class WeightsEntry:
     url: str                   # GitHub release asset (tag "#v0cls" / "#v2cls" url-encoded)
     top1: float                # ImageNet-1k top-1 reported by the authors
     config: "VMambaConfig"
-    entry: str = "model"       # checkpoint dict entry used (spec §1.3: published numbers come from it)
+    entry: str = "model"       # checkpoint dict entry used (docs/design.md §2.3: published numbers come from it)
     sha256: str | None = None  # pinned hash; None for the official files (never downloaded here)
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,7 +49,8 @@ class WeightsEntry:
 
 
 def home_dir() -> Path:
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
+    """The package's cache root (``vmamba_cli.kernels.cache.cache_root``: ``$VMAMBA_HOME``)."""
+    return cache_root()
 
 
 def cache_dir() -> Path:
@@ -62,8 +63,6 @@ def _store() -> Sha256Store:
 
 
 def list_entries() -> list[WeightsEntry]:
-    from vmamba_cli.model import MODELS
-
     return [WeightsEntry(spec.name, spec.checkpoint, spec.url, spec.top1, spec.config) for spec in MODELS.values()]
 
 
@@ -73,8 +72,6 @@ def _is_url(text: str) -> bool:
 
 def find_entry(text: str) -> WeightsEntry | None:
     """The entry for a model name or alias, an official file name, or an official URL (else None)."""
-    from vmamba_cli.model import resolve_model_name
-
     entries = list_entries()
     for entry in entries:
         if text in (entry.file, entry.url):
@@ -83,17 +80,17 @@ def find_entry(text: str) -> WeightsEntry | None:
         return None
     try:
         name = resolve_model_name(text)
-    except KeyError:
+    except UnknownModelError:
         return None
     return next((e for e in entries if e.name == name), None)
 
 
 def get_entry(name: str) -> WeightsEntry:
-    """Like ``find_entry`` but raises a KeyError that lists the known names."""
+    """Like ``find_entry`` but raises an UnknownModelError (a KeyError) that lists the known names."""
     entry = find_entry(name)
     if entry is None:
         known = ", ".join(e.name for e in list_entries())
-        raise KeyError(f"no official weights named {name!r} (known: {known}); `vmamba weights list` shows them")
+        raise UnknownModelError(f"no official weights named {name!r} (known: {known}); `vmamba weights list` shows them")
     return entry
 
 
@@ -114,8 +111,6 @@ def _url_cache_key(url: str) -> str:
 
 def _entry_verifier(entry: WeightsEntry):
     def verify(path: Path) -> None:
-        from vmamba_cli.model import VSSM
-
         tensors, _ = read_state_dict(path)
         check_state_dict(VSSM(entry.config), checkpoint_filter_fn(tensors), path, entry.name)
     return verify
@@ -160,7 +155,7 @@ def fetch_weights(name_or_url: str, *, force: bool = False, progress: bool = Tru
     if _is_url(name_or_url):
         return _fetch(_url_cache_key(name_or_url), name_or_url, label=name_or_url, verify=_loadable,
                       pinned=None, force=force, progress=progress)
-    get_entry(name_or_url)  # raises the KeyError listing the known names
+    get_entry(name_or_url)  # raises the UnknownModelError listing the known names
     raise AssertionError("unreachable")
 
 
@@ -189,9 +184,6 @@ def resolve(weights: str, model_name: str | None = None) -> Path | None:
     if _is_url(weights):
         return fetch_weights(weights)
     return None
-
-
-register_weights_resolver(resolve)
 
 __all__ = ["WeightsEntry", "DownloadError", "NetworkError", "cache_dir", "cached_path", "fetch_weights",
            "find_entry", "get_entry", "home_dir", "list_entries", "model_for_file", "resolve", "weights_status"]

@@ -1,40 +1,55 @@
-"""Shared CLI plumbing: stderr console, one-line errors, device choice."""
+"""Shared CLI plumbing: stderr console, one-line errors, device choice, JSON output."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import typer
 from rich.console import Console
 
+from vmamba_cli.errors import EXIT_ERROR, VMambaError
+
 # Human output goes to stderr so that stdout stays parseable (`--json | jq`).
 console = Console(stderr=True)
 
 
-def fail(message: str, code: int = 1) -> "typer.Exit":
+def fail(message: str, code: int = EXIT_ERROR) -> "typer.Exit":
     """Print ``error: message`` on one line and return the Exit to raise."""
     console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
+def is_main_process() -> bool:
+    """False on the workers of a torchrun job other than rank 0 (they meet the same errors)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def report_error(exc: VMambaError) -> "typer.Exit":
+    """The one place a user-facing error becomes output: one line on stderr (from rank 0 only under
+    torchrun) and the error's exit status. Used by the root command group (vmamba_cli/cli.py)."""
+    if is_main_process():
+        return fail(str(exc), exc.exit_code)
+    return typer.Exit(exc.exit_code)
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Turn expected failures (bad weights file, unknown model, bad option) into one line + exit 1."""
-    from vmamba_cli.weights import CheckpointError
-
+    """Turn KeyError / ValueError / FileNotFoundError raised by third-party code or argument checks
+    into one line and exit 1. ``VMambaError`` passes through to the CLI's single handler."""
     try:
         yield
-    except CheckpointError as exc:
-        raise fail(str(exc)) from None
-    except KeyError as exc:  # unknown model names carry their own message
+    except VMambaError:
+        raise
+    except KeyError as exc:  # a lookup by a name the user gave; KeyError's str() would quote it
         raise fail(exc.args[0] if exc.args else str(exc)) from None
     except (ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
 
 
 def resolve_device(device: str):
-    from vmamba_cli.device import select_device
+    from vmamba_cli.runtime import select_device
 
     try:
         return select_device(device)

@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 
 from vmamba_cli.commands._common import console, fail, print_json, user_errors
-from vmamba_cli.data import DEFAULT_CROP_PCT
+from vmamba_cli.errors import EXIT_ERROR
+from vmamba_cli.runtime import AMP_HELP
 
 MAX_FAILURES_SHOWN = 20
 
@@ -61,15 +62,17 @@ def register(app: typer.Typer) -> None:
         weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Checkpoint: official .pth, our "
                                               ".safetensors, or a registered weights name / URL."),
         ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of an official checkpoint."),
-        resolution: int = typer.Option(224, "--resolution", "-r", help="Center-crop size in pixels."),
-        crop_pct: float = typer.Option(DEFAULT_CROP_PCT, "--crop-pct",
-                                       help="Resize the short side to resolution/crop_pct, then crop."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", "-r",
+                                                 help="Center-crop size in pixels (default: the size a `vmamba "
+                                                      "train` checkpoint records, else 224)."),
+        crop_pct: Optional[float] = typer.Option(None, "--crop-pct",
+                                                 help="Resize the short side to resolution/crop_pct, then crop "
+                                                      "(default: the checkpoint's, else 0.875)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch (per process)."),
         workers: Optional[int] = typer.Option(None, "--workers", "-j", help="DataLoader worker processes "
                                               "(default: min(4, CPUs per process - 1))."),
-        amp: bool = typer.Option(False, "--amp", help="Autocast: float16 on CUDA, bfloat16 on CPU."),
-        amp_dtype: Optional[str] = typer.Option(None, "--amp-dtype", help="float16 or bfloat16 (with --amp)."),
+        amp: str = typer.Option("auto", "--amp", help=AMP_HELP),
         limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N images."),
         json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON document on stdout."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON results to FILE."),
@@ -81,29 +84,31 @@ def register(app: typer.Typer) -> None:
         Exit status: 0 all images evaluated; 1 error (bad weights, folder or classes; nothing evaluated);
         2 bad command line; 3 finished, but some images could not be read (listed in the summary and JSON).
         """
-        from vmamba_cli.evaluate import barrier, evaluate, process_group
-        from vmamba_cli.weights import CheckpointError
+        from vmamba_cli.errors import VMambaError
+        from vmamba_cli.evaluate import evaluate
+        from vmamba_cli.runtime import process_group
 
         with contextlib.ExitStack() as stack:
             with user_errors():
-                rank, _ = stack.enter_context(process_group(device))  # torchrun: join its group
+                dist = stack.enter_context(process_group(device))  # torchrun: join its group
             try:
                 result = evaluate(
                     data_dir, model, weights, ema=ema, resolution=resolution, crop_pct=crop_pct,
-                    device=device, batch_size=batch_size, workers=workers, amp=amp, amp_dtype=amp_dtype,
+                    device=device, batch_size=batch_size, workers=workers, amp=amp,
                     limit=limit, predictions=predictions is not None, progress=sys.stderr.isatty(),
                 )
-            except (CheckpointError, KeyError, ValueError, FileNotFoundError) as exc:
-                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            except VMambaError:
+                raise  # reported once by the CLI (vmamba_cli/cli.py), from rank 0 only
+            except (ValueError, FileNotFoundError) as exc:
                 # Every process meets the same bad input: one of them says so.
-                raise (fail(message) if rank == 0 else typer.Exit(1)) from None
+                raise (fail(str(exc)) if dist.is_main else typer.Exit(EXIT_ERROR)) from None
             if result.is_main_process:
                 write_outputs(result, output, predictions)
                 print_summary(result)
                 if json_out:
                     print_json(result.to_dict())
             # The other processes wait for the files: torchrun stops every worker once one exits non-zero.
-            barrier()
+            dist.barrier()
         if result.exit_code and result.is_main_process:
             raise typer.Exit(result.exit_code)
 

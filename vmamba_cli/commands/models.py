@@ -19,7 +19,7 @@ def models_table() -> list[dict]:
             "name": spec.name, "aliases": list(spec.aliases), "paper_name": spec.paper_name,
             "official_name": spec.official_name, "default": spec.name == default,
             "params": spec.params, "gflops": spec.gflops, "top1": spec.top1, "top5": spec.top5,
-            "checkpoint": spec.checkpoint, "url": spec.url,
+            "checkpoint": spec.checkpoint, "url": spec.url, "preprocess": spec.preprocess.to_dict(),
         })
     return rows
 

@@ -8,8 +8,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from vmamba_cli.commands._common import console, print_json, resolve_device, user_errors
-from vmamba_cli.predict import DEFAULT_BATCH_SIZE, DEFAULT_RESOLUTION, DEFAULT_TOPK, PredictReport, predict
+from vmamba_cli.commands._common import console, print_json, resolve_device
+from vmamba_cli.predict import DEFAULT_AMP, DEFAULT_BATCH_SIZE, DEFAULT_TOPK, MIN_RESOLUTION, PredictReport, predict
+from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP
 
 
 def _show(report: PredictReport) -> None:
@@ -34,6 +35,12 @@ def _show(report: PredictReport) -> None:
                   highlight=False, soft_wrap=True)
 
 
+def _check_amp(value: str) -> str:
+    if value not in AMP_CHOICES:
+        raise typer.BadParameter(f"must be one of {', '.join(AMP_CHOICES)}, got {value!r}")
+    return value
+
+
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
@@ -49,9 +56,15 @@ def register(app: typer.Typer) -> None:
         topk: int = typer.Option(DEFAULT_TOPK, "--topk", "-k", min=1, help="Classes shown per image."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Images per forward."),
-        resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", "-r", min=32,
-                                       help="Crop size fed to the model (resized to resolution/0.875 first)."),
-        amp: bool = typer.Option(False, "--amp", help="float16 autocast on CUDA (ignored on CPU)."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=MIN_RESOLUTION, show_default=False,
+                                                 help="Input size fed to the model \\[default: the model's preset: "
+                                                      "the size a checkpoint was trained at, else 224]."),
+        crop_pct: Optional[float] = typer.Option(None, "--crop-pct", min=0.01, max=1.0,
+                                                 show_default=False,
+                                                 help="Center-crop ratio: the short side is resized to "
+                                                      "resolution/crop-pct first \\[default: the model's preset, "
+                                                      "224/256 for the releases]."),
+        amp: str = typer.Option(DEFAULT_AMP, "--amp", callback=_check_amp, help=AMP_HELP),
         labels: Optional[Path] = typer.Option(None, "--labels", show_default=False,
                                               help="Class names: text file (one per line) or JSON list "
                                                    "\\[default: from the checkpoint, else ImageNet-1k]."),
@@ -60,12 +73,9 @@ def register(app: typer.Typer) -> None:
     ):
         """Classify images: top-k classes with probabilities. Exit status 1 when any input failed."""
         dev = resolve_device(device)
-        if amp and dev.type != "cuda":
-            console.print("note: --amp only applies on CUDA; running in float32 on CPU", highlight=False)
-        with user_errors():
-            report = predict(images, model=model, weights=weights, topk=topk, device=dev, batch_size=batch_size,
-                             resolution=resolution, amp=amp, ema=ema, labels=labels,
-                             progress=console.is_terminal)
+        report = predict(images, model=model, weights=weights, topk=topk, device=dev, batch_size=batch_size,
+                         resolution=resolution, crop_pct=crop_pct, amp=amp, ema=ema, labels=labels,
+                         progress=console.is_terminal)
         if json_out:
             print_json(report.to_dict())
             for failure in report.failures:

@@ -9,8 +9,8 @@ from typing import Any, List, Optional
 import typer
 
 from vmamba_cli.commands._common import console, fail, print_json
-
-AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+from vmamba_cli.errors import EXIT_INTERRUPTED
+from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, "--lr", help="Base LR for a total batch of 512 (scaled linearly)."),
         image_size: Optional[int] = typer.Option(None, "--image-size", help="Training resolution."),
         workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Data loader processes per rank."),
-        amp: Optional[str] = typer.Option(None, "--amp", help="Mixed precision: auto (bf16 on CUDA), none, bf16, fp16."),
+        amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP + " Default: the preset's (auto)."),
         compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
         threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (0: default)."),
@@ -52,10 +52,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
     ):
         """Train or fine-tune a VMamba classifier with the official recipe (one process or torchrun DDP)."""
-        from vmamba_cli.train import ResumeError, TrainingDiverged, config_for_resume, train
-        from vmamba_cli.train_config import load_config, parse_assignment
-        from vmamba_cli.train_data import DataError
-        from vmamba_cli.weights import CheckpointError
+        from vmamba_cli.errors import VMambaError
+        from vmamba_cli.train import config_for_resume, load_config, parse_assignment, train
 
         if amp is not None and amp not in AMP_CHOICES:
             raise fail(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
@@ -72,8 +70,10 @@ def register(app: typer.Typer) -> None:
                 cfg = config_for_resume(resume, overrides)
             else:
                 cfg = load_config(config, overrides)
-        except (ValueError, KeyError) as exc:
-            raise fail(exc.args[0] if exc.args else str(exc)) from None
+        except VMambaError:
+            raise  # reported once by the CLI (vmamba_cli/cli.py)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
 
         if print_config:
             print_json(cfg.to_dict())
@@ -81,13 +81,13 @@ def register(app: typer.Typer) -> None:
         try:
             summary = train(cfg, progress=not no_progress, log=lambda m: console.print(m, highlight=False,
                                                                                        markup=False, soft_wrap=True))
-        except TrainingDiverged as exc:
-            raise fail(str(exc)) from None
+        except VMambaError:
+            raise  # bad data, resume, divergence ...: reported once by the CLI (vmamba_cli/cli.py)
         except KeyboardInterrupt:
             raise fail("aborted (second Ctrl-C); the checkpoints in the run folder are those of the last "
-                       "completed epoch", code=130) from None
-        except (ResumeError, DataError, CheckpointError, ValueError, KeyError, FileNotFoundError) as exc:
-            raise fail(exc.args[0] if exc.args else str(exc)) from None
+                       "completed epoch", code=EXIT_INTERRUPTED) from None
+        except (ValueError, FileNotFoundError) as exc:
+            raise fail(str(exc)) from None
 
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun, rank 0 reports
@@ -99,4 +99,4 @@ def register(app: typer.Typer) -> None:
                           f"(best {best:.2f}%), {summary['train_time_s']:.0f}s; weights in {summary['run_dir']}",
                           highlight=False, markup=False, soft_wrap=True)
         elif summary["status"] == "interrupted":
-            raise typer.Exit(130)
+            raise typer.Exit(EXIT_INTERRUPTED)

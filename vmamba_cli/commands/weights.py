@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from vmamba_cli.commands._common import console, print_json, user_errors
+from vmamba_cli.commands._common import console, print_json
 
 weights_app = typer.Typer(help="Official checkpoints: list them with their cache state, download one.",
                           no_args_is_help=True)
@@ -52,8 +52,7 @@ def download_command(
     from vmamba_cli.weights import fetch_weights, find_entry
     from vmamba_cli.weights.download import sha256_of
 
-    with user_errors():
-        path = fetch_weights(name, force=force, progress=console.is_terminal)
+    path = fetch_weights(name, force=force, progress=console.is_terminal)
     entry = find_entry(name)
     info = {"name": entry.name if entry else None, "url": entry.url if entry else name, "path": str(path),
             "size_bytes": path.stat().st_size, "sha256": sha256_of(path)}
@@ -75,8 +74,7 @@ def convert_command(
     """Convert an official checkpoint to a safetensors file that carries its model config."""
     from vmamba_cli.weights import convert_checkpoint
 
-    with user_errors():
-        result = convert_checkpoint(source, destination, model=model, ema=ema)
+    result = convert_checkpoint(source, destination, model=model, ema=ema)
     if json_out:
         print_json(result.to_dict())
     else:

@@ -1,17 +1,25 @@
 """The training configuration: one flat dataclass whose defaults are the official ImageNet recipe
-(spec §9), TOML files that override it (tables only group keys), and ``key=value`` overrides."""
+(docs/design.md §9), TOML files that override it (tables only group keys), and ``key=value`` overrides.
+The presets (configs/*.toml) are package data."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from vmamba_cli.runtime import AMP_CHOICES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, published as tomli before it joined the standard library
+    import tomli as tomllib
 
 PRESETS = ("imagenet", "digits")
 
@@ -64,7 +72,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     # -- run --------------------------------------------------------------------------------------
     seed: int = 0                              # each process uses seed + rank
-    amp: str = "auto"                          # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
+    amp: str = "auto"                          # vmamba_cli.runtime.resolve_amp: auto = bf16 on CUDA, none on CPU
     compile: bool = False
     device: str = "auto"
     threads: int = 0                           # CPU threads per process (0: PyTorch's default)
@@ -171,7 +179,7 @@ def _validate(c: TrainConfig) -> None:
         (c.accum_steps >= 1, f"accum_steps must be >= 1, got {c.accum_steps}"),
         (c.image_size >= 8, f"image_size must be >= 8, got {c.image_size}"),
         (c.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {c.warmup_epochs}"),
-        (c.amp in ("auto", "none", "bf16", "fp16"), f"amp must be auto, none, bf16 or fp16, got {c.amp!r}"),
+        (c.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got {c.amp!r}"),
         (0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),
         (c.num_classes is None or c.num_classes >= 1, f"num_classes must be >= 1, got {c.num_classes}"),
         (c.workers >= 0, f"workers must be >= 0, got {c.workers}"),

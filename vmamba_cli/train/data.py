@@ -13,15 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from vmamba_cli.data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageError, load_image
+from vmamba_cli.data import IMAGENET_MEAN, IMAGENET_STD, find_images, load_image
+from vmamba_cli.errors import DataError, ImageError
 
 DIGITS = "digits"
 # timm's RandAugment fills exposed borders with the dataset mean in 8-bit.
 _FILL = [round(255 * m) for m in IMAGENET_MEAN]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used; the message is one line naming the path and the problem."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -34,7 +31,7 @@ class TrainData:
     val: Dataset
     class_names: list[str]
     description: str
-    eval_crop_pct: float        # what predict/eval should use for these images (1.0: no border crop)
+    eval_crop_pct: float        # crop of the held-out evaluation (1.0: no border crop), recorded in checkpoints
 
 
 class TensorImageDataset(Dataset):
@@ -106,9 +103,8 @@ def _class_folder_samples(root: Path, class_names: list[str] | None = None) -> t
     for folder in folders:
         if folder.name not in index:
             raise DataError(f"{folder}: class folder not present in the training set")
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                samples.append((path, index[folder.name]))
+        # An empty class folder only adds no samples (its "contains no images" is not an error here).
+        samples += [(path, index[folder.name]) for path in find_images([folder]).files]
     return samples, class_names
 
 
@@ -202,19 +198,6 @@ def train_transform(image_size: int, *, crop_scale=(0.08, 1.0), crop_ratio=(3 / 
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if random_erasing > 0:
         ops.append(v2.RandomErasing(p=random_erasing, value="random"))
-    return v2.Compose(ops)
-
-
-def eval_transform(image_size: int, crop_pct: float = 224 / 256, interpolation: str = "bicubic",
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Official evaluation pipeline: resize to int(size / crop_pct), center crop, normalise
-    (with crop_pct 1 and images already at ``image_size`` this is only the normalisation)."""
-    from torchvision.transforms import v2
-
-    ops = [v2.ToImage()]
-    resize = int(image_size / crop_pct)
-    ops += [v2.Resize(resize, interpolation=_interpolation(interpolation), antialias=True), v2.CenterCrop(image_size)]
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)
 
 

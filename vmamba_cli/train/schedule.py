@@ -1,4 +1,4 @@
-"""Optimisation pieces of the official recipe (spec §9): weight-decay groups, LR scaling by batch,
+"""Optimisation pieces of the official recipe (docs/design.md §9): weight-decay groups, LR scaling by batch,
 warm-up + cosine per optimizer step, and the EMA of weights.
 
 Written from the recipe's formulas; the behaviour matches timm's ``CosineLRScheduler`` with
@@ -26,7 +26,7 @@ def weight_decay_groups(model: nn.Module, weight_decay: float,
                         skip_names: Iterable[str] = ("pos_embed",)) -> list[dict]:
     """AdamW parameter groups with the official rule: no decay for 1-D tensors, names ending ``.bias``
     and ``skip_names``; everything else decays. ``A_logs`` and ``dt_projs_bias`` are 2-D, so they *are*
-    decayed (the official ``_no_weight_decay`` attributes are never consulted; spec §9 / §10.12)."""
+    decayed (the official ``_no_weight_decay`` attributes are never consulted; docs/design.md §9)."""
     skip = set(skip_names)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
