@@ -44,18 +44,20 @@ class RunProgress:
     batches_done: int = 0          # micro-batches of the current epoch already trained
     global_step: int = 0           # optimizer steps since the start
     best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
+    best_ema: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})  # by the EMA's top-1
     totals: EpochTotals = field(default_factory=EpochTotals)
 
     def to_state(self, world_size: int) -> dict[str, Any]:
         return {"position": {"epoch": self.epoch, "batches_done": self.batches_done,
                              "global_step": self.global_step, "world_size": world_size},
-                "best": dict(self.best), "accumulators": asdict(self.totals)}
+                "best": dict(self.best), "best_ema": dict(self.best_ema), "accumulators": asdict(self.totals)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "RunProgress":
         pos = state["position"]
+        best_ema = dict(state.get("best_ema") or {"top1": -1.0, "epoch": 0})  # absent in older state files
         return cls(int(pos["epoch"]), int(pos["batches_done"]), int(pos["global_step"]), dict(state["best"]),
-                   EpochTotals(**state["accumulators"]))
+                   best_ema, EpochTotals(**state["accumulators"]))
 
 
 # -- RNG states (JSON-serialisable, so they travel in the state file's metadata) -------------------
