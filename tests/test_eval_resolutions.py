@@ -154,3 +154,23 @@ def test_two_processes_give_exactly_the_one_process_rows(digits, tmp_path):
                (ref["num_images"], ref["correct_top1"], ref["correct_top5"])
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert proc.stderr.count("accuracy against resolution") == 1  # one table (rank 0)
+
+
+def test_write_digits_folder_is_the_training_split(tmp_path):
+    import numpy as np
+
+    from vmamba_cli.evaluate import map_classes, scan_image_folder
+    from vmamba_cli.train.data import digits_arrays, split_indices, write_digits_folder
+
+    assert write_digits_folder(tmp_path / "val", 16) == 359
+    images, labels = digits_arrays(16)
+    _, val_idx = split_indices(len(labels), 0.2, 0)
+    scan = scan_image_folder(tmp_path / "val", map_classes(tmp_path / "val", 10))
+    assert len(scan.samples) == 359
+    written = {int(os.path.basename(p)[6:10]): target for p, target in scan.samples}
+    assert written == {i: int(labels[i]) for i in val_idx.tolist()}
+    index, target = next(iter(written.items()))
+    pixels = np.asarray(Image.open(tmp_path / "val" / str(target) / f"digit_{index:04d}.png"))
+    assert pixels.shape == (16, 16) and np.array_equal(pixels, images[index, 0].numpy())
+    with pytest.raises(ValueError, match="split"):
+        write_digits_folder(tmp_path / "x", split="test")

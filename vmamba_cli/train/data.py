@@ -84,6 +84,26 @@ def digits_arrays(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(digits.target, dtype=torch.int64)
 
 
+def write_digits_folder(root: str | os.PathLike, image_size: int = 128, *, split: str = "val",
+                        val_fraction: float = 0.2, split_seed: int = 0) -> int:
+    """Write one split of the digits data as PNG class folders ``root/<digit>/digit_<index>.png``
+    (the split `vmamba train --data digits` makes with the same ``val_fraction`` / ``split_seed``), so
+    that `vmamba eval` can read the held-out digits. Returns the number of images written."""
+    from PIL import Image
+
+    if split not in ("train", "val"):
+        raise DataError(f"split must be 'train' or 'val', got {split!r}")
+    images, labels = digits_arrays(image_size)
+    train_idx, val_idx = split_indices(len(labels), val_fraction, split_seed)
+    indices = (val_idx if split == "val" else train_idx).tolist()
+    root = Path(root)
+    for index in indices:
+        folder = root / str(int(labels[index]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[index, 0].numpy(), mode="L").save(folder / f"digit_{index:04d}.png")
+    return len(indices)
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random train / held-out split (independent of the training seed)."""
     if not 0.0 < val_fraction < 1.0:
