@@ -35,10 +35,12 @@ def _host_us(fn, iters=300, warmup=20) -> float:
 
 
 def launch_costs():
+    import dataclasses
+
     import triton
 
-    from vmamba_cli.kernels import layernorm_triton as ln
-    from vmamba_cli.kernels import scan_triton as st
+    from vmamba_cli.kernels import triton as st
+    from vmamba_cli.kernels.triton import layernorm as ln
 
     rows = []
     x = torch.randn(64, 96, device="cuda")
@@ -64,14 +66,13 @@ def launch_costs():
               torch.randn(4 * d, generator=gen, device="cuda")]
     params = [p.requires_grad_(True) for p in params]
     xmap = torch.randn(1, d, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    for label, fused, reads_map in (("fused", True, True), ("fused, sequence backward", True, False),
-                                    ("composed", False, True)):
+    for label, fused in (("fused", True), ("composed", False)):
+        tuning = dataclasses.replace(st.DEFAULT_TUNING, fused_cross_scan=fused, fused_training=fused)
+
         def core_step():
-            st.FUSED_CROSS_SCAN, st.FUSED_TRAINING, st.BACKWARD_READS_MAP = fused, fused, reads_map
-            st.cross_selective_scan(xmap, *params).sum().backward()
+            st.cross_selective_scan(xmap, *params, tuning=tuning).sum().backward()
 
         rows.append((f"SS2D core fwd+bwd 1x96x8x8, {label}", _host_us(core_step, iters=100)))
-    st.FUSED_CROSS_SCAN, st.FUSED_TRAINING, st.BACKWARD_READS_MAP = True, True, False
     return rows
 
 

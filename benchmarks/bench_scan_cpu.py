@@ -75,7 +75,8 @@ def main(argv=None):
     from vmamba_cli.memory import tune_malloc
     tuned = False if args.no_malloc_tuning else tune_malloc()
     torch.set_num_threads(args.threads)
-    from vmamba_cli.kernels import compose_cross_selective_scan, scan_cpu
+    from vmamba_cli.kernels import compose_cross_selective_scan
+    from vmamba_cli.kernels import cpu as scan_cpu
 
     status = scan_cpu.native_status()
     if not status["available"]:

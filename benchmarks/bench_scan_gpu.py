@@ -12,14 +12,14 @@ Scan shapes (bf16 u / delta / B / C, float32 A / D / delta_bias, softplus, float
 Achieved GB/s uses the minimum traffic of the op (state on chip): forward reads u, delta, B, C and
 writes y; backward reads u, delta, B, C, dy and writes du, ddelta, dB, dC. It is printed against the
 datasheet bandwidth (--peak-gbs, by GPU name) and a device-to-device copy measured in the same run.
-Time = CUDA events around back-to-back calls (spec §7's method). Models follow spec §7: inference
+Time = CUDA events around back-to-back calls (docs/design.md §7's method). Models follow §7: inference
 fp32, eval, no_grad, batch 128; training = forward + backward under autocast (float16) with
 CrossEntropyLoss, no optimizer step. --composed adds vmamba-tiny with the composed SS2D core
-(cross-scan copies), with the fused core's backward reading the map (training) and with delta from a
-batched matmul instead of the scan kernel's projection (inference, FUSED_DT_PROJ off) to the model
-table; --host-probe adds batch-4 steps; --graphs times both models' steps replayed from CUDA graphs.
---prefetch-sweep [--pick] times the N = 1 kernels with and without loading a tile ahead and the
-backward's dB / dC partials. --warm-jobs compiles every kernel first in parallel processes (Triton's
+(cross-scan copies) and with delta from a batched matmul instead of the scan kernel's projection
+(inference, ``fused_dt_proj`` off) to the model table; --host-probe adds batch-4 steps; --graphs
+times both models' steps replayed from CUDA graphs. Every variant is a ``TritonTuning`` passed to
+the kernels (``dataclasses.replace(DEFAULT_TUNING, ...)``); --pick carries the fastest swept launches
+into the model runs. --warm-jobs compiles every kernel first in parallel processes (Triton's
 cache), --profile prints the top kernels of one inference batch and one training step and both
 models' kernel time per step, --cross-sweep times cross-scan launch shapes. Without a CUDA device
 (or without triton) the script says so and exits with status 0.
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -40,7 +42,7 @@ import torch
 def _time_cuda(fn, warmup: int, iters: int) -> float:
     """Milliseconds per call of fn(), run iters times back to back after warmup calls.
 
-    As spec §7 times models: synchronize before and after the timed loop only, so the host's work
+    As docs/design.md §7 times models: synchronize before and after the timed loop only, so the host's work
     for the next call overlaps the GPU's work on this one, as in a training or inference loop.
     """
     for _ in range(warmup):
@@ -86,23 +88,24 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
 
 
 @contextlib.contextmanager
-def _scan_constants(**values):
-    """Set launch constants of the scan module (N1_* tiles and launches) for a block, then restore them."""
-    from vmamba_cli.kernels import scan_triton
+def _model_tuning(tuning):
+    """Run the model's SS2D cores with ``tuning`` for a block (the model passes none of its own)."""
+    from vmamba_cli import kernels
+    from vmamba_cli import model as model_module
 
-    saved = {name: getattr(scan_triton, name) for name in values}
+    core = model_module.cross_selective_scan
+    model_module.cross_selective_scan = functools.partial(kernels.cross_selective_scan, tuning=tuning)
     try:
-        for name, value in values.items():
-            setattr(scan_triton, name, value)
         yield
     finally:
-        for name, value in saved.items():
-            setattr(scan_triton, name, value)
+        model_module.cross_selective_scan = core
 
 
-def bench_scan(name, batch, groups, per_group, d_state, length, args, backend="triton", launch=None):
-    """Forward / backward rows; ``launch`` = dict(block_d=, block_t=, num_warps=) for the triton backend."""
-    from vmamba_cli.kernels import scan_triton, selective_scan
+def bench_scan(name, batch, groups, per_group, d_state, length, args, backend="triton", launch=None, tuning=None):
+    """Forward / backward rows; ``launch`` = dict(block_d=, block_t=, num_warps=, maxnreg=) for the
+    triton backend (set for the forward and backward through a tuning object)."""
+    from vmamba_cli.kernels import selective_scan
+    from vmamba_cli.kernels import triton as scan_triton
 
     device = torch.device("cuda")
     x = _scan_inputs(batch, groups, per_group, d_state, length, torch.bfloat16, device)
@@ -112,42 +115,45 @@ def bench_scan(name, batch, groups, per_group, d_state, length, args, backend="t
     launch = dict(launch or {})
 
     maxnreg = launch.pop("maxnreg", None)
-    constants = {}
+    tuning = tuning or scan_triton.DEFAULT_TUNING
     if launch:
-        # Register caps are module defaults, not selective_scan arguments: set them for this launch.
+        # Register caps are tuning entries, not selective_scan arguments: the launch as tables.
         tiles = (launch["block_t"], launch["block_d"], launch["num_warps"], maxnreg)
-        constants = dict(N1_INFERENCE_TILES=tiles, N1_TRAINING_TILES=tiles,
-                         N1_BACKWARD_LAUNCH=(launch["block_d"], launch["num_warps"], maxnreg))
-    with _scan_constants(**constants):
-        def forward():
-            if launch:
-                return scan_triton.selective_scan(*leaves, delta_softplus=True, block_t=launch["block_t"])
-            return selective_scan(*leaves, delta_softplus=True, backend=backend)
+        tuning = dataclasses.replace(tuning, n1_inference_tiles=tiles, n1_training_tiles=tiles,
+                                     n1_backward_launch=(launch["block_d"], launch["num_warps"], maxnreg))
 
-        with torch.no_grad():
-            fwd_ms = _time_cuda(forward, args.warmup, args.iters)
-        y = forward()
-        dout = torch.randn_like(y)
+    def forward():
+        if launch:
+            return scan_triton.selective_scan(*leaves, delta_softplus=True, block_t=launch["block_t"],
+                                              tuning=tuning)
+        if backend == "triton":
+            return selective_scan(*leaves, delta_softplus=True, backend=backend, tuning=tuning)
+        return selective_scan(*leaves, delta_softplus=True, backend=backend)
 
-        def backward():
-            torch.autograd.grad(y, leaves, dout, retain_graph=True)
+    with torch.no_grad():
+        fwd_ms = _time_cuda(forward, args.warmup, args.iters)
+    y = forward()
+    dout = torch.randn_like(y)
 
-        bwd_ms = _time_cuda(backward, args.warmup, args.iters)
-        u, delta, B, C = x["u"], x["delta"], x["B"], x["C"]
-        fwd_bytes = _nbytes(u, delta, B, C, y)
-        # dB and dC are produced in float32; du and ddelta in the input dtype.
-        bwd_bytes = _nbytes(u, delta, B, C, dout, u, delta) + 2 * B.numel() * 4
-        rows = []
-        for phase, ms, nbytes in (("fwd", fwd_ms, fwd_bytes), ("bwd", bwd_ms, bwd_bytes)):
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            label = (backend if not launch else
-                     f"d{launch['block_d']}/t{launch['block_t']}/w{launch['num_warps']}/r{maxnreg}")
-            rows.append({"case": name, "backend": label, "phase": phase, "ms": round(ms, 4),
-                         "launch": {**launch, "maxnreg": maxnreg} if launch else None,
-                         "min_bytes_MB": round(nbytes / 1e6, 1), "GB/s": round(gbs, 1),
-                         "pct_peak": round(100 * gbs / args.peak_gbs, 1),
-                         "pct_copy": round(100 * gbs / args.copy_gbs, 1)})
-        return rows
+    def backward():
+        torch.autograd.grad(y, leaves, dout, retain_graph=True)
+
+    bwd_ms = _time_cuda(backward, args.warmup, args.iters)
+    u, delta, B, C = x["u"], x["delta"], x["B"], x["C"]
+    fwd_bytes = _nbytes(u, delta, B, C, y)
+    # dB and dC are produced in float32; du and ddelta in the input dtype.
+    bwd_bytes = _nbytes(u, delta, B, C, dout, u, delta) + 2 * B.numel() * 4
+    rows = []
+    for phase, ms, nbytes in (("fwd", fwd_ms, fwd_bytes), ("bwd", bwd_ms, bwd_bytes)):
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        label = (backend if not launch else
+                 f"d{launch['block_d']}/t{launch['block_t']}/w{launch['num_warps']}/r{maxnreg}")
+        rows.append({"case": name, "backend": label, "phase": phase, "ms": round(ms, 4),
+                     "launch": {**launch, "maxnreg": maxnreg} if launch else None,
+                     "min_bytes_MB": round(nbytes / 1e6, 1), "GB/s": round(gbs, 1),
+                     "pct_peak": round(100 * gbs / args.peak_gbs, 1),
+                     "pct_copy": round(100 * gbs / args.copy_gbs, 1)})
+    return rows
 
 
 # Launch configurations tried by --sweep at the batch-128 stage-0 shape (96 channels per direction).
@@ -159,39 +165,40 @@ SWEEP = [dict(block_d=d, block_t=t, num_warps=w, maxnreg=r) for d, t, w, r in (
     (8, 128, 2, None), (8, 128, 2, 80), (8, 128, 2, 64), (8, 128, 4, 64), (16, 128, 4, 64))]
 
 
-def _pick_launches(rows):
-    """Set the N = 1 defaults of the scan module to the fastest swept launches (--pick)."""
-    from vmamba_cli.kernels import scan_triton
-
+def _pick_launches(rows, tuning):
+    """``tuning`` with the fastest swept N = 1 launches (--pick)."""
     def best(block_t, phase):
         timed = [r for r in rows if r.get("launch") and r["launch"]["block_t"] == block_t and r["phase"] == phase]
         return min(timed, key=lambda r: r["ms"])["launch"] if timed else None
 
     train_fwd, train_bwd, infer_fwd = best(32, "fwd"), best(32, "bwd"), best(128, "fwd")
     if train_fwd:
-        scan_triton.N1_TRAINING_TILES = (32, train_fwd["block_d"], train_fwd["num_warps"], train_fwd["maxnreg"])
+        tuning = dataclasses.replace(tuning, n1_training_tiles=(
+            32, train_fwd["block_d"], train_fwd["num_warps"], train_fwd["maxnreg"]))
     if train_bwd:
-        scan_triton.N1_BACKWARD_LAUNCH = (train_bwd["block_d"], train_bwd["num_warps"], train_bwd["maxnreg"])
+        tuning = dataclasses.replace(tuning, n1_backward_launch=(
+            train_bwd["block_d"], train_bwd["num_warps"], train_bwd["maxnreg"]))
     if infer_fwd:
-        scan_triton.N1_INFERENCE_TILES = (128, infer_fwd["block_d"], infer_fwd["num_warps"], infer_fwd["maxnreg"])
-    print(f"picked: N1_INFERENCE_TILES = {scan_triton.N1_INFERENCE_TILES}, "
-          f"N1_TRAINING_TILES = {scan_triton.N1_TRAINING_TILES}, "
-          f"N1_BACKWARD_LAUNCH = {scan_triton.N1_BACKWARD_LAUNCH}", file=sys.stderr, flush=True)
+        tuning = dataclasses.replace(tuning, n1_inference_tiles=(
+            128, infer_fwd["block_d"], infer_fwd["num_warps"], infer_fwd["maxnreg"]))
+    print(f"picked: n1_inference_tiles = {tuning.n1_inference_tiles}, "
+          f"n1_training_tiles = {tuning.n1_training_tiles}, "
+          f"n1_backward_launch = {tuning.n1_backward_launch}", file=sys.stderr, flush=True)
+    return tuning
 
 
-# Launches of the fused SS2D core's kernels (u and dy read from the map) tried by --map-sweep:
-# forward tiles (BLOCK_T, BLOCK_D, num_warps, maxnreg) without / with a backward to follow, and the
-# backward's (BLOCK_D, num_warps, maxnreg) on the training tiles. The first of each is the default.
+# Launches of the fused SS2D core's forward (u read from the map) tried by --map-sweep: tiles
+# (BLOCK_T, BLOCK_D, num_warps, maxnreg) without / with a backward to follow. The first of each is
+# the default. (Its backward runs the plain kernel on sequence-ordered copies: --sweep covers it.)
 MAP_SWEEP = (
     [("fwd-infer", v) for v in ((128, 8, 2, 80), (128, 8, 2, None), (128, 16, 2, None), (128, 16, 4, None),
                                 (64, 16, 2, None), (64, 8, 2, 80))]
     + [("fwd-train", v) for v in ((32, 16, 2, 96), (32, 8, 2, 64), (32, 16, 4, None), (32, 32, 4, None),
                                   (32, 8, 2, None))]
-    + [("bwd", v) for v in ((8, 2, 64), (8, 2, None), (8, 4, None), (16, 2, None), (16, 4, None), (16, 4, 128),
-                            (32, 4, None), (16, 2, 96), (8, 2, 96))]
 )
-_MAP_CONSTANTS = {"fwd-infer": "N1_MAP_INFERENCE_TILES", "fwd-train": "N1_MAP_TRAINING_TILES",
-                  "bwd": "N1_MAP_BACKWARD_LAUNCH"}
+# The tuning entries of each phase: on the map, and the same launch on sequence-ordered data.
+_MAP_FIELDS = {"fwd-infer": ("n1_map_inference_tiles", "n1_inference_tiles"),
+               "fwd-train": ("n1_map_training_tiles", "n1_training_tiles")}
 
 
 def _map_case(batch=128, d_inner=96, height=56, width=56, dtype=torch.bfloat16):
@@ -214,44 +221,32 @@ def _map_case(batch=128, d_inner=96, height=56, width=56, dtype=torch.bfloat16):
     }
 
 
-def bench_map_variant(phase, launch, args, case=None, sequence_order=False, switches=None):
-    """Milliseconds of one fused-core scan phase with one launch (the module constant set, then
-    restored). sequence_order: the same data laid out by the cross-scan, plain kernels. switches:
-    more scan module constants for the call (e.g. N1_PREFETCH)."""
-    from vmamba_cli.kernels import scan_triton as st
+def bench_map_variant(phase, launch, args, case=None, sequence_order=False, tuning=None):
+    """Milliseconds of one fused-core scan forward with one launch (passed in a tuning object).
+    sequence_order: the same data laid out by the cross-scan, plain kernels."""
+    from vmamba_cli.kernels import triton as st
+    from vmamba_cli.kernels.triton import launch as scan_launch
 
-    if switches:
-        with _scan_constants(**switches):
-            return bench_map_variant(phase, launch, args, case, sequence_order)
     case = case or _map_case(dtype=torch.float32 if phase == "fwd-infer" else torch.bfloat16)
-    x, dout = case["x"], case["dout"]
+    x = case["x"]
     batch, d_inner, height, width = x.shape
     length = height * width
     scan_args = [case[k] for k in ("delta", "A", "B", "C", "D", "delta_bias")]
-    names = [_MAP_CONSTANTS[phase]]
+    map_field, sequence_field = _MAP_FIELDS[phase]
+    tuning = dataclasses.replace(tuning or st.DEFAULT_TUNING, **{map_field: launch, sequence_field: launch})
     if sequence_order:
-        names.append(_MAP_CONSTANTS[phase].replace("N1_MAP_", "N1_"))
-        x = st._scan_layout(x).view(batch, 4 * d_inner, length)
-        dout = st._scan_layout(dout).view(batch, 4 * d_inner, length)
-    with _scan_constants(**{n: launch for n in names}):
-        cfg = st.choose_scan_config(batch, 4, d_inner, 1, length, x.device, training=phase != "fwd-infer",
-                                    map_io=True)
-        if phase == "bwd":
-            _, tile_state = st._scan_forward(x, *scan_args, True, torch.float32, cfg, True)
+        x = st.cross_scan(x, tuning=tuning).view(batch, 4 * d_inner, length)
+    cfg = st.choose_scan_config(batch, 4, d_inner, 1, length, x.device, training=phase != "fwd-infer",
+                                map_io=not sequence_order, tuning=tuning)
 
-            def fn():
-                st._scan_backward(x, *scan_args, tile_state, dout, True, cfg)
-        else:
-            def fn():
-                st._scan_forward(x, *scan_args, True, torch.float32, cfg, phase == "fwd-train")
-        return _time_cuda(fn, args.warmup, args.iters)
+    def fn():
+        scan_launch.scan_forward(x, *scan_args, True, torch.float32, cfg, phase == "fwd-train")
+    return _time_cuda(fn, args.warmup, args.iters)
 
 
-def bench_map_sweep(args, pick=False):
-    """Time every MAP_SWEEP launch (and the default one on sequence-ordered data); with pick, set
-    the module's N1_MAP_* constants to the fastest of each phase."""
-    from vmamba_cli.kernels import scan_triton as st
-
+def bench_map_sweep(args, tuning, pick=False):
+    """Time every MAP_SWEEP launch (and the default one on sequence-ordered data); returns the rows
+    and ``tuning``, with the fastest launch of each phase if ``pick``."""
     rows = []
     cases = {}
     for phase, launch in MAP_SWEEP:
@@ -260,7 +255,7 @@ def bench_map_sweep(args, pick=False):
         first = launch == next(v for p, v in MAP_SWEEP if p == phase)
         for sequence_order in ((False, True) if first else (False,)):
             try:
-                ms = bench_map_variant(phase, launch, args, case, sequence_order)
+                ms = bench_map_variant(phase, launch, args, case, sequence_order, tuning)
             except Exception as exc:  # a launch that does not compile or run is reported, not fatal
                 print(f"map sweep {phase} {launch}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                       file=sys.stderr)
@@ -269,109 +264,27 @@ def bench_map_sweep(args, pick=False):
             rows.append({"phase": phase, "launch": list(launch), "layout": layout, "ms": round(ms, 4)})
             print(f"fused-core scan {phase:<9} {layout:<8} {str(launch):<22} {ms:8.3f} ms", file=sys.stderr, flush=True)
     if pick:
-        for phase, name in _MAP_CONSTANTS.items():
+        for phase, (field, _) in _MAP_FIELDS.items():
             timed = [r for r in rows if r["phase"] == phase and r["layout"] == "map"]
             if timed:
                 best = min(timed, key=lambda r: r["ms"])
-                setattr(st, name, tuple(best["launch"]))
-        print("picked: " + ", ".join(f"{n} = {getattr(st, n)}" for n in _MAP_CONSTANTS.values()),
+                tuning = dataclasses.replace(tuning, **{field: tuple(best["launch"])})
+        print("picked: " + ", ".join(f"{f} = {getattr(tuning, f)}" for f, _ in _MAP_FIELDS.values()),
               file=sys.stderr, flush=True)
-    return rows
+    return rows, tuning
 
 
-# --prefetch-sweep: (phase, layout, io dtype, launch) at the batch-128 stage-0 shape, each timed
-# with the N = 1 kernels loading one tile ahead (PREFETCH) and without; backward launches also with
-# the dB / dC partials instead of atomics. "sequence" + bf16 are the scan-goal rows, "map" + fp32
-# the fused core in fp32 inference, "map" + bf16 its training forward under AMP.
-_NO_PREFETCH, _PREFETCH = ({"prefetch": False},), ({"prefetch": False}, {"prefetch": True})
-_BWD_SWITCHES = ({"prefetch": False, "partials": False}, {"prefetch": False, "partials": True},
-                 {"prefetch": True, "partials": True})
-_LOOKAHEAD = ({"prefetch": True, "partials": True},)
-PREFETCH_SWEEP = (
-    [("fwd-infer", "sequence", "bf16", v, _PREFETCH) for v in (
-        (128, 8, 2, None), (128, 8, 2, 80), (64, 8, 2, None), (128, 8, 1, None), (128, 4, 1, None),
-        (128, 16, 2, None), (128, 8, 2, 128), (256, 16, 4, None))]
-    + [("fwd-infer", "map", "fp32", v, _PREFETCH) for v in (
-        (64, 8, 2, 80), (64, 8, 2, None), (64, 4, 1, None), (128, 8, 2, None), (32, 8, 2, None))]
-    + [("fwd-train", "sequence", "bf16", v, _PREFETCH) for v in ((32, 16, 2, 96), (32, 8, 2, 64))]
-    + [("fwd-train", "map", "bf16", v, _PREFETCH) for v in ((32, 16, 2, 96), (32, 8, 2, 64))]
-    + [("bwd", "sequence", "bf16", v, _BWD_SWITCHES) for v in (
-        (4, 1, None), (8, 2, 96), (8, 2, 64), (4, 1, 64), (2, 1, None), (4, 2, None), (8, 1, None))]
-    # The backward on 16- and 64-step tiles (the training forward's tile length, which it must share).
-    + [("bwd", "sequence", "bf16", v, tuple({**_LOOKAHEAD[0], "tiles": (t, 16, 2, 96)} for t in (16, 64)))
-       for v in ((4, 1, None), (8, 2, 96))]
-)
-_PREFETCH_SWITCH = {"fwd-infer": "N1_PREFETCH", "fwd-train": "N1_TRAINING_PREFETCH", "bwd": "N1_BACKWARD_PREFETCH"}
-
-
-def _prefetch_variants():
-    """(phase, layout, dtype, launch, switches) of every --prefetch-sweep measurement: switches are
-    scan module constants (the prefetch switch of the phase, the backward's dB / dC partials, the
-    training tiles a backward runs on)."""
-    for phase, layout, dtype, launch, options in PREFETCH_SWEEP:
-        for option in options:
-            switches = {_PREFETCH_SWITCH[phase]: option["prefetch"]}
-            if "partials" in option:
-                switches["N1_BACKWARD_BC_PARTIALS"] = option["partials"]
-            if "tiles" in option:
-                switches["N1_MAP_TRAINING_TILES"] = option["tiles"]
-            yield phase, layout, dtype, launch, switches
-
-
-def bench_prefetch_sweep(args, pick=False):
-    """Time _prefetch_variants(); with pick, set the scan module's N = 1 launch constants and
-    switches to the fastest variant of each phase in the layout the model runs it on (map for the
-    forwards, sequence for the backward)."""
-    from vmamba_cli.kernels import scan_triton as st
-
-    rows, cases = [], {}
-    for phase, layout, dtype, launch, switches in _prefetch_variants():
-        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        case = cases.setdefault(dtype, _map_case(dtype=torch_dtype))
-        try:
-            ms = bench_map_variant(phase, launch, args, case, layout == "sequence", switches)
-        except Exception as exc:  # a launch that does not compile or run is reported, not fatal
-            print(f"prefetch sweep {phase} {layout} {launch} {switches}: {type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:200]}", file=sys.stderr)
-            continue
-        flags = "".join(f" {k.replace('N1_', '').lower()}={v if isinstance(v, tuple) else int(v)}"
-                        for k, v in switches.items())
-        rows.append({"phase": phase, "layout": layout, "dtype": dtype, "launch": list(launch),
-                     "switches": switches, "ms": round(ms, 4)})
-        print(f"prefetch sweep {phase:<9} {layout:<8} {dtype:<4} {str(launch):<20}{flags:<48} {ms:8.3f} ms",
-              file=sys.stderr, flush=True)
-    if pick:
-        targets = {("fwd-infer", "map"): "N1_MAP_INFERENCE_TILES", ("fwd-infer", "sequence"): "N1_INFERENCE_TILES",
-                   ("fwd-train", "map"): "N1_MAP_TRAINING_TILES", ("fwd-train", "sequence"): "N1_TRAINING_TILES",
-                   ("bwd", "sequence"): "N1_BACKWARD_LAUNCH"}
-        for (phase, layout), name in targets.items():
-            timed = [r for r in rows if r["phase"] == phase and r["layout"] == layout]
-            if not timed:
-                continue
-            best = min(timed, key=lambda r: r["ms"])
-            setattr(st, name, tuple(best["launch"]))
-            if layout == ("sequence" if phase == "bwd" else "map"):
-                for switch, value in best["switches"].items():
-                    if switch == "N1_MAP_TRAINING_TILES":   # a backward's tile length: both training tiles
-                        st.N1_TRAINING_TILES = (value[0],) + tuple(st.N1_TRAINING_TILES[1:])
-                        value = (value[0],) + tuple(st.N1_MAP_TRAINING_TILES[1:])
-                    setattr(st, switch, value)
-        names = list(dict.fromkeys(targets.values())) + list(_PREFETCH_SWITCH.values()) + ["N1_BACKWARD_BC_PARTIALS"]
-        print("picked: " + ", ".join(f"{n} = {getattr(st, n)}" for n in names), file=sys.stderr, flush=True)
-    return rows
-
-
-# Cross-scan launch variants (block_c, block_hw, mirror, num_warps) tried by --cross-sweep.
-CROSS_SWEEP = [(16, 16, False, 4), (16, 16, True, 4), (32, 8, True, 4), (8, 16, True, 4), (32, 16, True, 8),
-               (16, 8, True, 2), (64, 8, True, 4), (4, 32, True, 4)]
+# Cross-scan launch variants (block_c, block_hw, num_warps) tried by --cross-sweep.
+CROSS_SWEEP = [(16, 16, 4), (32, 8, 4), (8, 16, 4), (32, 16, 8), (16, 8, 2), (64, 8, 4), (4, 32, 4)]
 
 
 def bench_cross(args):
     """Cross-scan / merge of a VMamba-T stage-0 map (batch 128, 96 x 56 x 56, float32, channels-last)."""
-    from vmamba_cli.kernels import scan_triton
+    from vmamba_cli.kernels.triton import DEFAULT_TUNING
+    from vmamba_cli.kernels.triton.cross_scan import merge_layout, scan_layout
 
     x = torch.randn(args.batch, 96, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last)
-    seq = scan_triton._scan_layout(x)
+    seq = scan_layout(x)
     nbytes = 5 * x.numel() * x.element_size()
     rows = []
 
@@ -381,22 +294,20 @@ def bench_cross(args):
         print(f"cross {name:<34} {ms:8.3f} ms {gbs:8.1f} GB/s {100 * gbs / args.copy_gbs:6.1f}% copy",
               file=sys.stderr, flush=True)
 
-    row("scan nchw (contiguous() + kernel)",
-        _time_cuda(lambda: scan_triton._scan_layout(x.contiguous(), block_c=1, block_hw=32), 3, 10))
-    for block_c, block_hw, mirror, warps in CROSS_SWEEP:
-        row(f"scan c{block_c}/hw{block_hw}/m{int(mirror)}/w{warps}", _time_cuda(
-            lambda: scan_triton._scan_layout(x, block_c=block_c, block_hw=block_hw, mirror=mirror, num_warps=warps),
-            3, 10))
-    for block_c, block_hw, _, warps in CROSS_SWEEP[1:5]:
-        row(f"merge c{block_c}/hw{block_hw}/w{warps}", _time_cuda(
-            lambda: scan_triton._merge_layout(seq, 56, 56, block_c=block_c, block_hw=block_hw, num_warps=warps),
-            3, 10))
+    nchw = dataclasses.replace(DEFAULT_TUNING, cross_scan_launch=(1, 32, 4))
+    row("scan nchw (contiguous() + kernel)", _time_cuda(lambda: scan_layout(x.contiguous(), nchw), 3, 10))
+    for launch in CROSS_SWEEP:
+        block_c, block_hw, warps = launch
+        tuning = dataclasses.replace(DEFAULT_TUNING, cross_scan_launch=launch, cross_merge_launch=launch)
+        row(f"scan c{block_c}/hw{block_hw}/w{warps}", _time_cuda(lambda: scan_layout(x, tuning), 3, 10))
+        row(f"merge c{block_c}/hw{block_hw}/w{warps}", _time_cuda(lambda: merge_layout(seq, 56, 56, tuning), 3, 10))
     return rows
 
 
 def ncu_target(args):
     """One launch of each hot kernel at the batch-128 stage-0 shape, for Nsight Compute."""
-    from vmamba_cli.kernels import scan_triton
+    from vmamba_cli.kernels import triton as scan_triton
+    from vmamba_cli.kernels.triton.cross_scan import merge_layout, scan_layout
 
     x = _scan_inputs(args.batch, 4, 96, 1, 3136, torch.bfloat16, torch.device("cuda"))
     leaves = [x[k].requires_grad_(True) for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
@@ -407,8 +318,8 @@ def ncu_target(args):
             scan_triton.selective_scan(*leaves, delta_softplus=True)
     fmap = torch.randn(args.batch, 96, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last)
     for _ in range(2):
-        seq = scan_triton._scan_layout(fmap)
-        scan_triton._merge_layout(seq, 56, 56)
+        seq = scan_layout(fmap)
+        merge_layout(seq, 56, 56)
     torch.cuda.synchronize()
 
 
@@ -416,19 +327,9 @@ _PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "409
 _CASES = (("224px b128 stage0", 128, 4, 96, 1, 3136), ("1024px b1 stage0", 1, 4, 96, 1, 65536))
 
 
-# SS2D core switches of scan_triton (the module's defaults, then these) compared by --composed.
-_CORE_DEFAULTS = {"FUSED_CROSS_SCAN": True, "FUSED_TRAINING": True, "BACKWARD_READS_MAP": False,
-                  "FUSED_DT_PROJ": True}
-_COMPOSED = {"FUSED_CROSS_SCAN": False}
-_FUSED_MAP_BWD = {"BACKWARD_READS_MAP": True}
-_DELTA_MATMUL = {"FUSED_DT_PROJ": False}
-
-
-def _set_core(switches):
-    from vmamba_cli.kernels import scan_triton
-
-    for name, value in {**_CORE_DEFAULTS, **switches}.items():
-        setattr(scan_triton, name, value)
+# SS2D core variants compared by --composed: tuning fields changed from the run's tuning.
+_COMPOSED = {"fused_cross_scan": False}
+_DELTA_MATMUL = {"fused_dt_proj": False}
 
 
 def _warm_jobs_list(args):
@@ -437,8 +338,6 @@ def _warm_jobs_list(args):
         jobs += [("sweep", i) for i in range(len(SWEEP))]
     if args.map_sweep:
         jobs += [("map", i) for i in range(len(MAP_SWEEP))]
-    if args.prefetch_sweep:
-        jobs += [("prefetch", i) for i in range(len(list(_prefetch_variants())))]
     if not args.skip_models or args.profile:
         jobs += [("model", 0)]
     return jobs
@@ -451,10 +350,6 @@ def _warm_one(index, args):
         bench_scan(*_CASES[i], args)
     elif kind == "sweep":
         bench_scan(*_CASES[0], args, launch=SWEEP[i])
-    elif kind == "prefetch":
-        phase, layout, dtype, launch, switches = list(_prefetch_variants())[i]
-        case = _map_case(dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
-        bench_map_variant(phase, launch, args, case, layout == "sequence", switches)
     elif kind == "map":
         phase, launch = MAP_SWEEP[i]
         if launch == next(v for p, v in MAP_SWEEP if p == phase):
@@ -465,10 +360,12 @@ def _warm_one(index, args):
 
         model = create_model("vmamba-tiny").cuda()
         args.model_warmup, args.model_iters = 1, 1
-        for switches in ({}, _COMPOSED, _FUSED_MAP_BWD, _DELTA_MATMUL) if args.composed else ({},):
-            _set_core(switches)
-            _throughput(model, args.batch, 224, args, train=False)
-            _throughput(model, args.batch, 224, args, train=True)
+        from vmamba_cli.kernels.triton import DEFAULT_TUNING
+
+        for switches in ({}, _COMPOSED, _DELTA_MATMUL) if args.composed else ({},):
+            with _model_tuning(dataclasses.replace(DEFAULT_TUNING, **switches)):
+                _throughput(model, args.batch, 224, args, train=False)
+                _throughput(model, args.batch, 224, args, train=True)
 
 
 def warm_caches(args):
@@ -482,7 +379,6 @@ def warm_caches(args):
     base += ["--sweep"] if args.sweep else []
     base += ["--composed"] if args.composed else []
     base += ["--map-sweep"] if args.map_sweep else []
-    base += ["--prefetch-sweep"] if args.prefetch_sweep else []
     base += ["--skip-models"] if args.skip_models and not args.profile else []
     running, failed = [], 0
     for index in range(len(jobs)):
@@ -534,7 +430,7 @@ def profile_models(args, out_dir):
 
 
 def _model_step(model, batch, size, train: bool, autocast_cache: bool = True):
-    """One spec §7 step on random images: fp32 inference under no_grad, or an AMP (float16) forward
+    """One docs/design.md §7 step on random images: fp32 inference under no_grad, or an AMP (float16) forward
     + backward with CrossEntropyLoss, no optimizer step. Puts the model in the matching mode."""
     device = torch.device("cuda")
     images = torch.randn(batch, 3, size, size, device=device)
@@ -579,21 +475,20 @@ def _throughput(model, batch, size, args, train: bool):
     return batch / (ms * 1e-3), torch.cuda.max_memory_allocated() / 2**20
 
 
-def bench_models(args):
+def bench_models(args, tuning):
     import torchvision
 
     from vmamba_cli.model import create_model
 
     torch.backends.cudnn.benchmark = True
-    # (name, build, SS2D core switches of scan_triton, modes: None = both, else only "train" / "inference")
+    # (name, build, SS2D core tuning fields changed from ``tuning``, modes: None = both, else only "train" / "inference")
     models = [("vmamba-tiny", lambda: create_model("vmamba-tiny"), {}, None),
               ("swin_t", lambda: torchvision.models.swin_t(), {}, None)]
     if args.composed:
         # The other SS2D cores in the same run: composed ops throughout (cross-scan copies, batched
-        # projections), the fused core with its backward reading the map, and the fused inference
-        # core with delta from a batched matmul instead of the scan kernel's own projection.
+        # projections), and the fused inference core with delta from a batched matmul instead of
+        # the scan kernel's own projection.
         models[1:1] = [("vmamba-tiny composed", lambda: create_model("vmamba-tiny"), _COMPOSED, None),
-                       ("vmamba-tiny map-bwd", lambda: create_model("vmamba-tiny"), _FUSED_MAP_BWD, "train"),
                        ("vmamba-tiny delta-matmul", lambda: create_model("vmamba-tiny"), _DELTA_MATMUL, "inference")]
     rows = []
     for mode, train in (("inference fp32", False), ("train AMP fwd+bwd", True)):
@@ -603,21 +498,21 @@ def bench_models(args):
         # the H200 (the same configuration timed again later was faster).
         for round_index in range(args.rounds):
             for name, build, switches, _ in (runs if round_index % 2 == 0 else runs[::-1]):
-                _set_core(switches)
-                model = build().cuda()
-                batch = args.batch
-                while True:
-                    try:
-                        img_s, mem = _throughput(model, batch, 224, args, train)
-                        break
-                    except torch.cuda.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                        if batch == 1:
-                            raise
-                        batch //= 2
-                timed.setdefault(name, []).append((img_s, mem, batch))
-                del model
-                torch.cuda.empty_cache()
+                with _model_tuning(dataclasses.replace(tuning, **switches)):
+                    model = build().cuda()
+                    batch = args.batch
+                    while True:
+                        try:
+                            img_s, mem = _throughput(model, batch, 224, args, train)
+                            break
+                        except torch.cuda.OutOfMemoryError:
+                            torch.cuda.empty_cache()
+                            if batch == 1:
+                                raise
+                            batch //= 2
+                    timed.setdefault(name, []).append((img_s, mem, batch))
+                    del model
+                    torch.cuda.empty_cache()
         for name, build, switches, _ in runs:
             img_s = statistics.median(r[0] for r in timed[name])
             rows.append({"mode": mode, "model": name, "batch": timed[name][0][2], "img/s": round(img_s, 1),
@@ -626,13 +521,12 @@ def bench_models(args):
             if train and args.host_probe:
                 # At batch 4 the GPU work is small: a step's time is mostly the host's (Python,
                 # autograd, launches), which batch 128 can hide only if it is shorter than the GPU's.
-                _set_core(switches)
-                small = build().cuda()
-                img_s, _ = _throughput(small, 4, 224, args, train)
-                rows.append({"mode": "train AMP batch 4", "model": name, "batch": 4, "img/s": round(img_s, 1),
-                             "ms_per_step": round(4000 / img_s, 2), "peak_MiB": 0})
-                del small
-        _set_core({})
+                with _model_tuning(dataclasses.replace(tuning, **switches)):
+                    small = build().cuda()
+                    img_s, _ = _throughput(small, 4, 224, args, train)
+                    rows.append({"mode": "train AMP batch 4", "model": name, "batch": 4, "img/s": round(img_s, 1),
+                                 "ms_per_step": round(4000 / img_s, 2), "peak_MiB": 0})
+                    del small
         medians = {r["model"]: r["img/s"] for r in rows if r["mode"] == mode}
         for name in medians:
             if name != "swin_t":
@@ -644,19 +538,19 @@ def bench_models(args):
             for name, build, switches, _ in runs:
                 if switches:
                     continue
-                _set_core(switches)
-                model = build().cuda()
-                try:
-                    graphed[name] = _graphed_throughput(model, args.batch, 224, args, train)
-                except Exception as exc:  # a model that cannot be captured is reported, not fatal
-                    print(f"graphs {mode} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                          file=sys.stderr)
-                    continue
-                finally:
-                    del model
-                    torch.cuda.empty_cache()
-                rows.append({"mode": f"{mode} CUDA graph", "model": name, "batch": args.batch,
-                             "img/s": round(graphed[name], 1), "peak_MiB": 0})
+                with _model_tuning(dataclasses.replace(tuning, **switches)):
+                    model = build().cuda()
+                    try:
+                        graphed[name] = _graphed_throughput(model, args.batch, 224, args, train)
+                    except Exception as exc:  # a model that cannot be captured is reported, not fatal
+                        print(f"graphs {mode} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                              file=sys.stderr)
+                        continue
+                    finally:
+                        del model
+                        torch.cuda.empty_cache()
+                    rows.append({"mode": f"{mode} CUDA graph", "model": name, "batch": args.batch,
+                                 "img/s": round(graphed[name], 1), "peak_MiB": 0})
             if "swin_t" in graphed and "vmamba-tiny" in graphed:
                 rows.append({"mode": f"{mode} CUDA graph", "model": "vmamba-tiny / swin_t",
                              "ratio": round(graphed["vmamba-tiny"] / graphed["swin_t"], 3)})
@@ -684,9 +578,6 @@ def main(argv=None) -> int:
     parser.add_argument("--cross-sweep", action="store_true", help="time cross-scan / merge launch variants")
     parser.add_argument("--map-sweep", action="store_true",
                         help="time launch variants of the fused SS2D core's scan (with --pick: use the fastest)")
-    parser.add_argument("--prefetch-sweep", action="store_true",
-                        help="time the N = 1 kernels with and without loading a tile ahead (with --pick: "
-                             "use the fastest launch and switches of each phase)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the models this many times, alternating their order; report the median")
     parser.add_argument("--graphs", action="store_true",
@@ -707,7 +598,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_scan_gpu: no CUDA device here; nothing to measure (run it on a GPU machine)", file=sys.stderr)
         return 0
-    from vmamba_cli.kernels import scan_triton
+    from vmamba_cli.kernels import triton as scan_triton
     if not scan_triton.is_available(torch.device("cuda")):
         print("bench_scan_gpu: triton is not importable; nothing to measure", file=sys.stderr)
         return 0
@@ -752,15 +643,17 @@ def main(argv=None) -> int:
                 scan_rows += measured(bench_scan(*_CASES[0], args, launch=launch))
             except Exception as exc:  # a configuration that does not compile or run is reported, not fatal
                 print(f"sweep {launch}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+    tuning = scan_triton.DEFAULT_TUNING
     if args.sweep and args.pick:
-        _pick_launches(scan_rows)
-    map_rows = bench_map_sweep(args, pick=args.pick) if args.map_sweep else []
-    prefetch_rows = bench_prefetch_sweep(args, pick=args.pick) if args.prefetch_sweep else []
-    if args.prefetch_sweep and args.pick:
+        tuning = _pick_launches(scan_rows, tuning)
+    map_rows = []
+    if args.map_sweep:
+        map_rows, tuning = bench_map_sweep(args, tuning, pick=args.pick)
+    if args.pick and tuning != scan_triton.DEFAULT_TUNING:
         for case in _CASES:   # the scan-goal rows again, with the picked launches
-            scan_rows += measured(bench_scan(case[0] + " picked", *case[1:], args))
+            scan_rows += measured(bench_scan(case[0] + " picked", *case[1:], args, tuning=tuning))
     cross_rows = bench_cross(args) if args.cross_sweep else []
-    model_rows = [] if args.skip_models else bench_models(args)
+    model_rows = [] if args.skip_models else bench_models(args, tuning)
     for r in model_rows:
         if "ratio" in r:
             print(f"{r['mode']:<20} {r['model']:<30} ratio {r['ratio']:.3f}", file=sys.stderr)
@@ -770,14 +663,15 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     report = {"device": device_name, "peak_gbs": args.peak_gbs, "copy_gbs": round(args.copy_gbs, 1),
               "torch": torch.__version__, "triton": triton.__version__, "scan": scan_rows, "map_sweep": map_rows,
-              "prefetch_sweep": prefetch_rows, "cross": cross_rows,
-              "models": model_rows}
+              "cross": cross_rows, "models": model_rows, "tuning": dataclasses.asdict(tuning)}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_scan_gpu.json"), "w") as f:
             json.dump(report, f, indent=2)
     if args.profile:
-        for name, table in profile_models(args, args.out).items():
+        with _model_tuning(tuning):
+            tables = profile_models(args, args.out)
+        for name, table in tables.items():
             print(f"--- {name} ---\n{table}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))

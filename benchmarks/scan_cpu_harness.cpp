@@ -1,4 +1,4 @@
-// Standalone timing of the native fused scan forward (kernels/csrc/scan_cpu.cpp), for comparing
+// Standalone timing of the native fused scan forward (kernels/cpu/csrc/scan_cpu.cpp), for comparing
 // kernel variants on a noisy machine: the minimum over many calls of a C++ loop is steady to a few
 // percent where Python-level medians move by 2x. Build against the source (or a modified copy):
 //
@@ -10,7 +10,7 @@
 // Prints min / 10th percentile / median microseconds per call and ns per (8-channel vector, step)
 // per thread at the minimum. Random inputs of the model's scale, batch 1, N = 1, one route group.
 #ifndef SRC
-#define SRC "../kernels/csrc/scan_cpu.cpp"
+#define SRC "../kernels/cpu/csrc/scan_cpu.cpp"
 #endif
 #include SRC
 #include <chrono>

@@ -9,75 +9,73 @@ Every op has a slow, obviously-correct reference (the test oracle) and faster fo
                                                selective scan and merge (a fused kernel may
                                                replace the composition)
 
-Backends are named modules: ``reference`` and ``torch`` always exist; more (a GPU or a native CPU
-kernel) are listed in ``_BACKENDS`` and are used by ``backend="auto"`` when their module says they
-are available for the tensor's device.
+This package is the bottom layer: it imports nothing from the rest of ``vmamba_cli``.
+
+    common.py      shapes, NUM_DIRECTIONS, empty inputs          flops.py    the scan's FLOP mark
+    reference.py   sequential scan, index-table cross ops        compose.py  SS2D core from ops
+    torch_scan.py  backend "torch": blocked scan, flip/transpose cross ops
+    cpu/           backend "cpu": native C++ scan (build, work split, autograd ops)
+    triton/        backend "triton": Triton kernels (see its __init__)
+
+Backends are listed in ``_BACKENDS``: ``reference`` and ``torch`` always exist; ``cpu`` and
+``triton`` say per device whether they are available, and ``backend="auto"`` takes the first
+available one in ``_AUTO_ORDER``. An op a backend does not provide falls back to the "torch" one.
+``tuning`` (a ``triton.TritonTuning``) reaches the Triton backend; the others ignore it.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 import torch
 
-from .cross_scan import (NUM_DIRECTIONS, cross_merge_reference, cross_merge_torch,
-                         cross_scan_reference, cross_scan_torch)
-from .scan_torch import selective_scan_blocked, selective_scan_reference
+from . import cpu as _cpu
+from . import reference as _reference
+from . import torch_scan as _torch_scan
+from .common import NUM_DIRECTIONS
+from .compose import compose_ops
+from .flops import in_dispatch_mode, mark_selective_scan
 
-# Registers the scan with torch.utils.flop_counter; the mark is an identity unless a dispatch mode
-# (e.g. FlopCounterMode) is active.
-from vmamba_cli.flops import in_dispatch_mode, mark_selective_scan  # noqa: E402
+try:  # triton may fail to import on some platforms: the backend is then unavailable
+    from . import triton as _triton
+except ImportError:  # pragma: no cover
+    _triton = None
 
 __all__ = [
-    "selective_scan", "cross_scan", "cross_merge", "cross_selective_scan",
-    "available_backends", "resolve_backend", "BACKENDS", "NUM_DIRECTIONS",
+    "selective_scan", "cross_scan", "cross_merge", "cross_selective_scan", "compose_cross_selective_scan",
+    "available_backends", "resolve_backend", "has_op", "BACKENDS", "NUM_DIRECTIONS",
 ]
 
-# name -> module (relative to this package) implementing the op set. A backend module may define
-# ``selective_scan``, ``cross_scan``, ``cross_merge``, ``cross_selective_scan`` (any subset) and
-# ``is_available(device: torch.device) -> bool``. Missing ops fall back to the "torch" backend.
+
+class _Backend:
+    """The ops of one backend (None where it has none) and its availability test."""
+
+    def __init__(self, is_available=None, takes_tuning=False, **ops):
+        self.is_available = is_available or (lambda device: True)
+        self.takes_tuning = takes_tuning
+        self.ops = ops
+
+
 _BACKENDS = {
-    "reference": None,
-    "torch": None,
-    "triton": ".scan_triton",
-    "cpu": ".scan_cpu",
+    "reference": _Backend(selective_scan=_reference.selective_scan_reference,
+                          cross_scan=_reference.cross_scan_reference,
+                          cross_merge=_reference.cross_merge_reference),
+    "torch": _Backend(selective_scan=_torch_scan.selective_scan_blocked,
+                      cross_scan=_torch_scan.cross_scan_torch,
+                      cross_merge=_torch_scan.cross_merge_torch),
+    "triton": _Backend(is_available=_triton.is_available, takes_tuning=True,
+                       selective_scan=_triton.selective_scan, cross_scan=_triton.cross_scan,
+                       cross_merge=_triton.cross_merge, cross_selective_scan=_triton.cross_selective_scan)
+    if _triton is not None else _Backend(is_available=lambda device: False),
+    "cpu": _Backend(is_available=_cpu.is_available, selective_scan=_cpu.selective_scan,
+                    cross_selective_scan=_cpu.cross_selective_scan),
 }
 BACKENDS = tuple(_BACKENDS)
 
 # Preference order of backend="auto" per device type.
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 
-_BUILTIN = {
-    "reference": {
-        "selective_scan": selective_scan_reference,
-        "cross_scan": cross_scan_reference,
-        "cross_merge": cross_merge_reference,
-    },
-    "torch": {
-        "selective_scan": selective_scan_blocked,
-        "cross_scan": cross_scan_torch,
-        "cross_merge": cross_merge_torch,
-    },
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _module(name: str):
-    path = _BACKENDS[name]
-    if path is None:
-        return None
-    try:
-        return importlib.import_module(path, __name__)
-    except ImportError:
-        return None
-
 
 def _is_available(name: str, device: torch.device) -> bool:
-    if name in _BUILTIN:
-        return True
-    module = _module(name)
-    return module is not None and bool(module.is_available(device))
+    return bool(_BACKENDS[name].is_available(device))
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -101,68 +99,71 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
+def has_op(backend: str, op: str) -> bool:
+    """Whether the concrete backend ``backend`` has its own ``op`` (e.g. a fused
+    "cross_selective_scan") rather than the "torch" fallback."""
+    return _BACKENDS[backend].ops.get(op) is not None
+
+
 def _op(backend: str, op: str):
-    if backend in _BUILTIN:
-        return _BUILTIN[backend].get(op)
-    return getattr(_module(backend), op, None)
+    """The backend's own ``op`` or None (prefer ``has_op``)."""
+    return _BACKENDS[backend].ops.get(op)
 
 
-def _lookup(op: str, backend: str, device: torch.device):
-    name = resolve_backend(backend, device)
-    return _op(name, op) or _BUILTIN["torch"][op]
+def _lookup(op: str, backend: str, device: torch.device, tuning=None, fallback: bool = True):
+    """The implementation of ``op`` for ``backend`` on ``device``, with the tuning bound where it
+    applies; the "torch" op where the backend has none (None instead if not ``fallback``)."""
+    chosen = _BACKENDS[resolve_backend(backend, device)]
+    impl = chosen.ops.get(op)
+    if impl is None:
+        return _BACKENDS["torch"].ops.get(op) if fallback else None
+    if chosen.takes_tuning and tuning is not None:
+        return lambda *args, **kwargs: impl(*args, tuning=tuning, **kwargs)
+    return impl
 
 
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, backend="auto",
-                   output_dtype=torch.float32):
-    """Selective scan with VMamba's shapes (spec §5.1); float32 state, float32 output by default.
+                   output_dtype=torch.float32, tuning=None):
+    """Selective scan with VMamba's shapes (docs/design.md §5.1); float32 state, float32 output by default.
 
     u, delta: (batch, K*D, L); A: (K*D, N); B, C: (batch, K, N, L), each group shared by D channels;
     D, delta_bias: (K*D,). Differentiable with respect to every tensor input.
     """
-    impl = _lookup("selective_scan", backend, u.device)
+    impl = _lookup("selective_scan", backend, u.device, tuning)
     y = impl(u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype=output_dtype)
     return mark_selective_scan(y, A.shape[1])
 
 
-def cross_scan(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def cross_scan(x: torch.Tensor, backend: str = "auto", tuning=None) -> torch.Tensor:
     """(B, D, H, W) -> (B, 4, D, H*W) in the four scan orders."""
-    return _lookup("cross_scan", backend, x.device)(x)
+    return _lookup("cross_scan", backend, x.device, tuning)(x)
 
 
-def cross_merge(ys: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def cross_merge(ys: torch.Tensor, backend: str = "auto", tuning=None) -> torch.Tensor:
     """(B, 4, D, H, W) -> (B, D, H, W): the sum of the four directions read back at each pixel."""
-    return _lookup("cross_merge", backend, ys.device)(ys)
+    return _lookup("cross_merge", backend, ys.device, tuning)(ys)
 
 
 def compose_cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                                 backend="auto"):
+                                 backend="auto", tuning=None):
     """The SS2D core from separate ops (what a fused kernel must reproduce).
 
     x: (B, Di, H, W) after the depthwise conv and SiLU. Returns (B, Di, H, W) in float32.
     """
-    b, d_inner, height, width = x.shape
-    length = height * width
-    d_state = A_logs.shape[1]
-    rank = dt_projs_weight.shape[2]
-    xs = cross_scan(x, backend)                                           # (B, K, Di, L)
-    # Broadcast matmuls run as one batched GEMM over (B*K) on the sequences as they lie; einsum
-    # would permute (B, K, Di, L) to put K first and copy it.
-    x_dbl = torch.matmul(x_proj_weight.to(xs.dtype), xs)                  # (B, K, R+2N, L)
-    dts, Bs, Cs = torch.split(x_dbl, [rank, d_state, d_state], dim=2)
-    dts = torch.matmul(dt_projs_weight.to(dts.dtype), dts)                # (B, K, Di, L)
-    ys = selective_scan(
-        xs.reshape(b, -1, length), dts.reshape(b, -1, length), -torch.exp(A_logs.float()),
-        Bs.contiguous(), Cs.contiguous(), Ds.float(), dt_projs_bias.reshape(-1).float(),
-        delta_softplus=True, backend=backend,
-    )
-    return cross_merge(ys.view(b, NUM_DIRECTIONS, d_inner, height, width), backend)
+    device = x.device
+    return compose_ops(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                       scan=_lookup("selective_scan", backend, device, tuning),
+                       cross_scan=_lookup("cross_scan", backend, device, tuning),
+                       cross_merge=_lookup("cross_merge", backend, device, tuning))
 
 
-def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend="auto"):
+def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend="auto",
+                         tuning=None):
     """SS2D core: cross-scan, x/dt projections, selective scan with softplus, cross-merge."""
-    fused = _op(resolve_backend(backend, x.device), "cross_selective_scan")
+    fused = _lookup("cross_selective_scan", backend, x.device, tuning, fallback=False)
     # Under a dispatch mode (FlopCounterMode, fake tensors) the separate ops run instead, so that
     # counters see the projections and the marked scan; the result is the same.
     if fused is not None and not in_dispatch_mode():
         return fused(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
-    return compose_cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend)
+    return compose_cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, backend,
+                                        tuning)

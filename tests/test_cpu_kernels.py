@@ -14,45 +14,22 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vmamba_cli.kernels import compose_cross_selective_scan, resolve_backend, scan_cpu
+from conftest import assert_close_to_max, grads_of, make_scan_inputs, ss2d_params
+
+from vmamba_cli.kernels import compose_cross_selective_scan, resolve_backend
+from vmamba_cli.kernels import cpu as scan_cpu
 from vmamba_cli.kernels import selective_scan as dispatch_selective_scan
-from vmamba_cli.kernels.scan_torch import selective_scan_reference
+from vmamba_cli.kernels.cpu import build, plan
+from vmamba_cli.kernels.reference import selective_scan_reference
 from vmamba_cli.model import from_official_config
 from vmamba_cli.weights import checkpoint_filter_fn
 
 needs_native = pytest.mark.skipif(scan_cpu.load_library() is None,
-                                  reason=f"native CPU scan not built: {scan_cpu._state['reason']}")
-
-
-def assert_close_to_max(actual, expected, rel=1e-5, name=""):
-    """max |actual - expected| <= rel * max |expected| (the fixture's convention, spec §11)."""
-    assert actual.shape == expected.shape, name
-    scale = expected.abs().max().item()
-    err = (actual.float() - expected.float()).abs().max().item()
-    assert err <= rel * max(scale, 1e-6), f"{name}: max error {err:.3g} vs max |ref| {scale:.3g}"
+                                  reason=f"native CPU scan not built: {build._state['reason']}")
 
 
 def scan_inputs(batch, groups, per_group, d_state, length, seed=0, wide_delta=False):
-    g = torch.Generator().manual_seed(seed)
-    channels = groups * per_group
-    delta = torch.randn(batch, channels, length, generator=g)
-    # Wide range: softplus's linear branch (> 20) and its tiny-step tail both get exercised.
-    delta = delta * 12.0 if wide_delta else delta * 0.5 - 1.0
-    return dict(
-        u=torch.randn(batch, channels, length, generator=g), delta=delta,
-        A=-(torch.rand(channels, d_state, generator=g) + 0.2) * torch.arange(1, d_state + 1),
-        B=torch.randn(batch, groups, d_state, length, generator=g),
-        C=torch.randn(batch, groups, d_state, length, generator=g),
-        D=torch.randn(channels, generator=g), delta_bias=torch.randn(channels, generator=g) * 0.5,
-    )
-
-
-def grads_of(fn, inputs, upstream):
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
-    out = fn(**leaves, **{k: None for k, v in inputs.items() if v is None})
-    names = list(leaves)
-    grads = torch.autograd.grad(out, [leaves[k] for k in names], upstream)
-    return out.detach(), dict(zip(names, grads))
+    return make_scan_inputs(batch, groups, per_group, d_state, length, seed=seed, wide_delta=wide_delta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,17 +100,6 @@ def test_auto_backend_picks_cpu_for_cpu_tensors():
 # Fused cross_selective_scan
 # --------------------------------------------------------------------------------------------
 
-def ss2d_params(d_inner, d_state, rank, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        x_proj_weight=torch.randn(4, rank + 2 * d_state, d_inner, generator=g) * 0.5,
-        dt_projs_weight=torch.randn(4, d_inner, rank, generator=g) * 0.5,
-        dt_projs_bias=torch.randn(4, d_inner, generator=g) - 1.0,
-        A_logs=torch.randn(4 * d_inner, d_state, generator=g) * 0.3,
-        Ds=torch.randn(4 * d_inner, generator=g),
-    )
-
-
 @needs_native
 @pytest.mark.parametrize("batch,d_inner,height,width,d_state,rank", [
     (2, 5, 3, 4, 1, 2),      # H != W, odd channel count
@@ -178,13 +144,12 @@ def test_every_vector_group_tail():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
-def test_block_size_covers_channels_and_feeds_threads(threads, monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+def test_block_size_covers_channels_and_feeds_threads(threads):
     for channels in (8, 24, 48, 96, 136, 192, 384, 768):
         for batch in (1, 2, 3, 8):
-            block = scan_cpu._block_size(channels, batch)
+            block = plan.block_size(channels, batch, threads)
             n_blocks = -(-channels // block)
-            assert block % 8 == 0 and block <= scan_cpu._MAX_BLOCK, (channels, batch, block)
+            assert block % 8 == 0 and block <= plan.MAX_BLOCK, (channels, batch, block)
             assert (n_blocks - 1) * block < channels  # no empty block
             assert batch * n_blocks >= min(threads, batch * -(-channels // 8))  # every thread gets work
 
@@ -198,9 +163,8 @@ def test_block_size_covers_channels_and_feeds_threads(threads, monkeypatch):
     (2, 96, 3, 6),    # 3 samples x 1 block: odd, so two blocks each
     (2, 96, 8, 8),    # enough tasks already
 ])
-def test_block_size_balances_few_tasks(threads, channels, batch, tasks, monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert batch * -(-channels // scan_cpu._block_size(channels, batch)) == tasks
+def test_block_size_balances_few_tasks(threads, channels, batch, tasks):
+    assert batch * -(-channels // plan.block_size(channels, batch, threads)) == tasks
 
 
 @needs_native
@@ -211,19 +175,18 @@ def test_block_size_balances_few_tasks(threads, channels, batch, tasks, monkeypa
     (1, 16, 9, 8, 1, 16),    # L = 72 > one backward chunk
     (1, 8, 4, 3, 16, 8),     # N = 16
 ])
-def test_fused_route_groups_match_reference(route_groups, threads, batch, d_inner, height, width, d_state, block,
-                                            monkeypatch):
+def test_fused_route_groups_match_reference(route_groups, threads, batch, d_inner, height, width, d_state, block):
     """Directions split into 1, 2 or 4 task groups, each summing into its own slice of y / du."""
-    monkeypatch.setattr(scan_cpu, "_fused_tasks", lambda channels, n: (block, route_groups))
+    tasks = (block, route_groups)
     g = torch.Generator().manual_seed(route_groups)
     inputs = dict(x=torch.randn(batch, d_inner, height, width, generator=g), **ss2d_params(d_inner, d_state, 2))
     upstream = torch.randn(batch, d_inner, height, width, generator=g)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y, grads = grads_of(scan_cpu.cross_selective_scan, inputs, upstream)
+        y, grads = grads_of(lambda **kw: scan_cpu.cross_selective_scan(**kw, tasks=tasks), inputs, upstream)
         with torch.inference_mode():
-            y_inference = scan_cpu.cross_selective_scan(**inputs)
+            y_inference = scan_cpu.cross_selective_scan(**inputs, tasks=tasks)
     finally:
         torch.set_num_threads(saved)
     y_ref, grads_ref = grads_of(lambda **kw: compose_cross_selective_scan(**kw, backend="reference"), inputs, upstream)
@@ -234,12 +197,11 @@ def test_fused_route_groups_match_reference(route_groups, threads, batch, d_inne
 
 
 @needs_native
-def test_fused_kernel_rejects_route_groups_not_dividing_four(monkeypatch):
-    monkeypatch.setattr(scan_cpu, "_fused_tasks", lambda channels, n: (8, 3))
+def test_fused_kernel_rejects_route_groups_not_dividing_four():
     params = ss2d_params(8, 1, 2)
     with pytest.raises(RuntimeError, match="inconsistent sizes"):
         with torch.inference_mode():
-            scan_cpu.cross_selective_scan(torch.randn(1, 8, 2, 2), *params.values())
+            scan_cpu.cross_selective_scan(torch.randn(1, 8, 2, 2), *params.values(), tasks=(8, 3))
 
 
 @pytest.mark.parametrize("threads,channels,batch,expected", [
@@ -251,9 +213,8 @@ def test_fused_kernel_rejects_route_groups_not_dividing_four(monkeypatch):
     (4, 96, 1, (96, 4)),     # four threads: one full-width block per direction
     (2, 8, 1, (8, 1)),       # one vector: nothing wider to gain
 ])
-def test_fused_tasks_split_directions_for_narrow_blocks(threads, channels, batch, expected, monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert scan_cpu._fused_tasks(channels, batch) == expected
+def test_fused_tasks_split_directions_for_narrow_blocks(threads, channels, batch, expected):
+    assert plan.fused_tasks(channels, batch, threads) == expected
 
 
 @needs_native
@@ -313,8 +274,8 @@ def test_parameters_created_under_inference_mode():
 def fresh_build_state(monkeypatch, tmp_path):
     """A process that has not tried to build yet, with an empty cache."""
     for key, value in (("tried", False), ("lib", None), ("reason", None)):
-        monkeypatch.setitem(scan_cpu._state, key, value)
-    monkeypatch.setenv("VMAMBA_CACHE_DIR", str(tmp_path))
+        monkeypatch.setitem(build._state, key, value)
+    monkeypatch.setenv("VMAMBA_HOME", str(tmp_path))
     monkeypatch.delenv("VMAMBA_NO_NATIVE", raising=False)
     return tmp_path
 
@@ -323,7 +284,7 @@ def test_failed_build_falls_back_with_one_line(fresh_build_state, monkeypatch, c
     broken = tmp_path / "broken-cxx"
     broken.write_text("#!/bin/sh\necho 'fatal error: simulated compiler failure' >&2\nexit 1\n")
     broken.chmod(0o755)
-    monkeypatch.setattr(scan_cpu, "_compiler", lambda: str(broken))
+    monkeypatch.setattr(build, "_compiler", lambda: str(broken))
 
     assert not scan_cpu.is_available("cpu")
     assert not scan_cpu.is_available("cpu")  # tried once per process: no second attempt, no second line
@@ -350,11 +311,11 @@ def test_failed_build_falls_back_with_one_line(fresh_build_state, monkeypatch, c
 
 
 def test_no_compiler_and_opt_out(fresh_build_state, monkeypatch, capfd):
-    monkeypatch.setattr(scan_cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(build, "_compiler", lambda: None)
     assert scan_cpu.load_library() is None
     assert "no C++ compiler" in capfd.readouterr().err
     for key, value in (("tried", False), ("lib", None), ("reason", None)):
-        monkeypatch.setitem(scan_cpu._state, key, value)
+        monkeypatch.setitem(build._state, key, value)
     monkeypatch.setenv("VMAMBA_NO_NATIVE", "1")
     assert not scan_cpu.is_available("cpu")
     assert scan_cpu.native_status()["reason"] == "disabled by VMAMBA_NO_NATIVE"
@@ -368,8 +329,8 @@ def test_build_is_cached_and_reused(fresh_build_state, monkeypatch):
     built = list(fresh_build_state.glob("kernels/*.so"))
     assert len(built) == 1
     for key, value in (("tried", False), ("lib", None), ("reason", None)):
-        monkeypatch.setitem(scan_cpu._state, key, value)
-    monkeypatch.setattr(scan_cpu, "_compile", lambda *a: pytest.fail("compiled twice"))
+        monkeypatch.setitem(build._state, key, value)
+    monkeypatch.setattr(build, "_compile", lambda *a: pytest.fail("compiled twice"))
     assert scan_cpu.load_library() is not None
     assert not scan_cpu.is_available("meta")
 
@@ -411,9 +372,7 @@ def test_model_matches_golden_fixture_with_cpu_backend(fixtures_dir):
 
 @needs_native
 def test_fused_scan_under_cpu_autocast_matches_float32():
-    """Autocast must not feed bf16 buffers to the float32 kernel (it used to return ~1e29 garbage)."""
-    from vmamba_cli.kernels import compose_cross_selective_scan
-
+    """Autocast must not feed bf16 buffers to the float32 kernel (it would read garbage)."""
     g = torch.Generator().manual_seed(5)
     d, rank = 8, 2
     x = torch.randn(2, d, 5, 6, generator=g)

@@ -11,41 +11,23 @@ error in the 2-norm; every output element must be finite (an unwritten one shows
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from conftest import SCAN_INPUTS, make_scan_inputs
 
 from vmamba_cli import kernels
-from vmamba_cli.kernels import scan_triton
-from vmamba_cli.kernels.cross_scan import cross_merge_reference, cross_scan_reference
-from vmamba_cli.kernels.scan_torch import selective_scan_reference
+from vmamba_cli.kernels import triton as scan_triton
+from vmamba_cli.kernels.reference import cross_merge_reference, cross_scan_reference, selective_scan_reference
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or scan_triton._INTERPRET or not scan_triton.is_available("cuda"),
+    not torch.cuda.is_available() or scan_triton.INTERPRET or not scan_triton.is_available("cuda"),
     reason="needs a CUDA GPU, triton, and TRITON_INTERPRET unset (VMAMBA_GPU_TESTS=1)")
 
-SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
-
-
 def _inputs(batch, groups, per_group, d_state, length, dtype, seed):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    channels = groups * per_group
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda")
-
-    x = {
-        "u": randn(batch, channels, length),
-        "delta": randn(batch, channels, length) * 0.5 - 1.0,
-        "A": -torch.exp(randn(channels, d_state) * 0.5),
-        "B": randn(batch, groups, d_state, length),
-        "C": randn(batch, groups, d_state, length),
-        "D": randn(channels),
-        "delta_bias": randn(channels) * 0.5,
-    }
-    x["delta"][..., :: max(1, length // 5)] += 22.0  # softplus identity branch
-    for name in ("u", "delta", "B", "C"):
-        x[name] = x[name].to(dtype)
-    return x
+    return make_scan_inputs(batch, groups, per_group, d_state, length, dtype=dtype, seed=seed, device="cuda",
+                            spikes=5)
 
 
 def _scan_and_grads(fn, inputs, dout, upcast=False, **kwargs):
@@ -92,16 +74,10 @@ def test_triton_scan_matches_float64_reference(batch, groups, per_group, d_state
         assert err < (tol if dtype == torch.float32 else 5e-2), f"d{name}: {err:.2e}"
 
 
-_LOOKAHEAD_SWITCHES = ("N1_PREFETCH", "N1_TRAINING_PREFETCH", "N1_BACKWARD_PREFETCH", "N1_BACKWARD_BC_PARTIALS")
-
-
 @pytest.mark.parametrize("batch,groups,per_group,d_state,length,chunk", [c for c in CASES if c[3] == 1])
-@pytest.mark.parametrize("switches_on", [False, True])
-def test_triton_scan_lookahead_switches(monkeypatch, batch, groups, per_group, d_state, length, chunk, switches_on):
-    """The N = 1 kernels with every tile loaded one iteration ahead and dB / dC written as
-    per-block partials (and with none of it), training and inference launches, float32."""
-    for switch in _LOOKAHEAD_SWITCHES:
-        monkeypatch.setattr(scan_triton, switch, switches_on)
+def test_triton_scan_training_and_inference_launches(batch, groups, per_group, d_state, length, chunk):
+    """The N = 1 kernels: the training forward (tile by tile), the backward (one tile ahead, dB /
+    dC as per-block partials) and the inference forward (one tile ahead), float32."""
     x = _inputs(batch, groups, per_group, d_state, length, torch.float32, seed=length + 7)
     dout = torch.randn(batch, groups * per_group, length, device="cuda", dtype=torch.float64)
     y, grads = _scan_and_grads(scan_triton.selective_scan, x, dout, chunk_size=chunk)
@@ -150,26 +126,18 @@ def test_triton_cross_scan_many_planes():
     (1, 96, 256, 256),    # stage 0 at 1024: L = 65,536, the heuristic's many chunks
     (3, 40, 13, 21),      # H != W, masked channel lanes
 ])
-@pytest.mark.parametrize("channels_last,reads_map,lookahead", [
-    (True, True, False), (False, True, False), (True, False, False), (True, True, True), (True, False, True)])
-def test_fused_core_matches_composed_ops(monkeypatch, batch, d_inner, height, width, channels_last, reads_map,
-                                         lookahead):
-    """The d_state = 1 SS2D core reading x and the merged gradient along each route (float32)
-    against the composed torch-backend ops (cross-scan copies, float64 projections, the blocked
-    scan with its float32 state). A wrong route index gives errors of order 1. lookahead: the
-    kernels' prefetch and dB / dC partials switches on."""
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_core_matches_composed_ops(batch, d_inner, height, width, channels_last):
+    """The d_state = 1 SS2D core reading x along each route (float32) against the composed
+    torch-backend ops (cross-scan copies, float64 projections, the blocked scan with its float32
+    state). A wrong route index gives errors of order 1."""
     from vmamba_cli.kernels import compose_cross_selective_scan
-
-    for switch in _LOOKAHEAD_SWITCHES:
-        monkeypatch.setattr(scan_triton, switch, lookahead)
 
     gen = torch.Generator(device="cuda").manual_seed(batch * height + width)
 
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen, device="cuda") * scale
 
-    monkeypatch.setattr(scan_triton, "FUSED_TRAINING", True)
-    monkeypatch.setattr(scan_triton, "BACKWARD_READS_MAP", reads_map)
     rank = max(1, d_inner // 16)
     params = {"x_proj_weight": randn(4, rank + 2, d_inner, scale=d_inner ** -0.5),
               "dt_projs_weight": randn(4, d_inner, rank, scale=rank ** -0.5),
@@ -192,9 +160,10 @@ def test_fused_core_matches_composed_ops(monkeypatch, batch, d_inner, height, wi
         assert _rel(results["fused"][1][k], grad) < 1e-3, k
     # Inference: delta formed inside the scan kernel (one chunk) or by the batched matmul.
     for dt_proj in (True, False):
-        monkeypatch.setattr(scan_triton, "FUSED_DT_PROJ", dt_proj)
+        tuning = dataclasses.replace(scan_triton.DEFAULT_TUNING, fused_dt_proj=dt_proj)
         with torch.no_grad():
-            assert _rel(scan_triton.cross_selective_scan(x, *params.values()), results["composed"][0]) < 1e-4
+            assert _rel(scan_triton.cross_selective_scan(x, *params.values(), tuning=tuning),
+                        results["composed"][0]) < 1e-4
 
 
 def test_model_triton_matches_torch_backend_forward_and_backward():

@@ -249,8 +249,6 @@ def test_no_import_cycles_above_the_kernels(graph):
     assert find_cycles(_without_kernels(graph)) == []
 
 
-@pytest.mark.xfail(strict=False, reason="kernels/__init__.py imports vmamba_cli.flops (the scan's FLOP mark) "
-                                        "until the kernels rework moves it into the kernels layer")
 def test_no_import_cycles_and_kernels_import_no_later_layer(graph):
     assert find_cycles(graph) == []
     assert [v for v in layer_violations(graph) if v.split(" ")[1] == "(kernels)"] == []

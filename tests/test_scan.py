@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from conftest import SCAN_INPUTS as INPUTS
+from conftest import make_scan_inputs, ss2d_params
 from safetensors.torch import load_file
 
 from vmamba_cli import kernels
-from vmamba_cli.kernels.scan_torch import linear_recurrence
+from vmamba_cli.kernels import torch_scan
+from vmamba_cli.kernels.torch_scan import linear_recurrence
 
-INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 CASES = ("", "n1.", "n16.")
 
 
@@ -40,17 +42,7 @@ def test_scan_matches_official_fixture(scan_ref, prefix, backend):
 
 
 def _random_case(batch=2, groups=4, per_group=3, d_state=2, length=37, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ch = groups * per_group
-    return dict(
-        u=torch.randn(batch, ch, length, generator=g),
-        delta=torch.randn(batch, ch, length, generator=g) * 0.5,
-        A=-torch.rand(ch, d_state, generator=g) * 2 - 0.1,
-        B=torch.randn(batch, groups, d_state, length, generator=g),
-        C=torch.randn(batch, groups, d_state, length, generator=g),
-        D=torch.randn(ch, generator=g),
-        delta_bias=torch.randn(ch, generator=g) * 0.3,
-    )
+    return make_scan_inputs(batch, groups, per_group, d_state, length, seed=seed, spikes=0)
 
 
 @pytest.mark.parametrize("length", [1, 2, 5, 37, 300])
@@ -126,7 +118,7 @@ def test_cross_scan_routes(size):
     h, w = size
     x = torch.randn(2, 3, h, w)
     ref = kernels.cross_scan(x, backend="reference")
-    # Direct from the definition of the four orders (spec §3.7).
+    # Direct from the definition of the four orders (docs/design.md §3.7).
     assert torch.equal(ref[:, 0], x.reshape(2, 3, -1))
     assert torch.equal(ref[:, 1], x.transpose(2, 3).reshape(2, 3, -1))
     assert torch.equal(ref[:, 2], x.reshape(2, 3, -1).flip(-1))
@@ -155,18 +147,96 @@ def test_backend_resolution():
     assert {"reference", "torch"} <= set(kernels.available_backends("cpu"))
 
 
-def test_blocked_channel_blocks_that_cut_through_groups(monkeypatch):
+def test_blocked_channel_blocks_that_cut_through_groups():
     """Large inputs are processed in channel blocks; B/C grads must still sum over whole groups."""
-    from vmamba_cli.kernels import scan_torch
-
     case = _random_case(batch=2, groups=4, per_group=3, d_state=3, length=40, seed=7)
-    monkeypatch.setattr(scan_torch, "_MAX_BLOCK_ELEMENTS", 2 * 3 * 40 * 5)  # blocks of 5 channels
-    assert scan_torch._channel_blocks(2, 12, 3, 40) == [(0, 5), (5, 10), (10, 12)]
+    small = 2 * 3 * 40 * 5  # blocks of 5 channels
+    assert torch_scan._channel_blocks(2, 12, 3, 40, small) == [(0, 5), (5, 10), (10, 12)]
+    scans = {"reference": kernels.selective_scan,
+             "torch": lambda *a, **k: torch_scan.selective_scan_blocked(*a, **k, max_block_elements=small)}
     grads = {}
-    for backend in ("reference", "torch"):
+    for backend, scan in scans.items():
         ins = {k: v.clone().requires_grad_(True) for k, v in case.items()}
-        y = kernels.selective_scan(*(ins[k] for k in INPUTS), delta_softplus=True, backend=backend)
+        y = scan(*(ins[k] for k in INPUTS), delta_softplus=True,
+                 **({"backend": backend} if backend == "reference" else {}))
         (y * y).sum().backward()
         grads[backend] = {k: ins[k].grad for k in INPUTS}
     for k in INPUTS:
         _assert_rel(grads["torch"][k], grads["reference"][k], "d" + k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every backend: a retained graph walked twice, and empty inputs
+# ------------------------------------------------------------------------------------------------
+
+def _backends():
+    """Every backend usable for CPU tensors here (triton under the interpreter, cpu when built)."""
+    return [pytest.param(name, marks=pytest.mark.skipif(name not in kernels.available_backends("cpu"),
+                                                        reason=f"backend {name} not available here"))
+            for name in kernels.BACKENDS]
+
+
+def _leaves(tensors):
+    return {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+
+
+def _twice_accumulates(out, leaves, upstream):
+    """Backward through a retained graph, then again: each gradient exactly doubles."""
+    out.backward(upstream, retain_graph=True)
+    first = {k: v.grad.clone() for k, v in leaves.items()}
+    out.backward(upstream)
+    for name, leaf in leaves.items():
+        assert torch.equal(leaf.grad, 2 * first[name]), name
+    return first
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("d_state", [1, 4])
+def test_second_backward_accumulates_twice(backend, d_state):
+    leaves = _leaves(make_scan_inputs(2, 2, 4, d_state, 11, seed=d_state))
+    y = kernels.selective_scan(*(leaves[k] for k in INPUTS), delta_softplus=True, backend=backend)
+    first = _twice_accumulates(y, leaves, torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    assert all(g.abs().sum() > 0 for g in first.values())
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_second_backward_through_the_ss2d_core(backend):
+    gen = torch.Generator().manual_seed(3)
+    leaves = _leaves({"x": torch.randn(1, 8, 3, 4, generator=gen), **ss2d_params(8, 1, 2, seed=4)})
+    out = kernels.cross_selective_scan(*leaves.values(), backend=backend)
+    first = _twice_accumulates(out, leaves, torch.randn(out.shape, generator=gen))
+    assert all(g.abs().sum() > 0 for g in first.values())
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("batch,length,d_state", [(2, 0, 1), (2, 0, 4), (0, 9, 1), (0, 9, 4), (0, 0, 2)])
+def test_empty_scan_gives_empty_output_and_gradients(backend, batch, length, d_state):
+    inputs = make_scan_inputs(batch, 2, 3, d_state, length)
+    leaves = _leaves(inputs)
+    y = kernels.selective_scan(*(leaves[k] for k in INPUTS), delta_softplus=True, backend=backend)
+    assert y.shape == (batch, 6, length) and y.dtype == torch.float32
+    y.backward(torch.ones_like(y))
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.shape == inputs[name].shape, name
+        assert not leaf.grad.any(), name
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("batch,height,width", [(2, 0, 5), (2, 4, 0), (0, 3, 4)])
+def test_empty_maps_give_empty_cross_ops_and_core(backend, batch, height, width):
+    x = torch.randn(batch, 8, height, width, requires_grad=True)
+    seq = kernels.cross_scan(x, backend=backend)
+    assert seq.shape == (batch, 4, 8, height * width)
+    ys = torch.randn(batch, 4, 8, height, width, requires_grad=True)
+    merged = kernels.cross_merge(ys, backend=backend)
+    assert merged.shape == (batch, 8, height, width)
+    (seq.sum() + merged.sum()).backward()
+    assert x.grad.shape == x.shape and ys.grad.shape == ys.shape
+
+    params = ss2d_params(8, 1, 2)
+    leaves = _leaves({"x": x.detach(), **params})
+    out = kernels.cross_selective_scan(*leaves.values(), backend=backend)
+    assert out.shape == (batch, 8, height, width)
+    out.backward(torch.ones_like(out))
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape and not leaf.grad.any(), name

@@ -7,6 +7,7 @@ Ahead-of-time compilation for sm_80 / sm_90 runs in a subprocess with the interp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,53 +15,23 @@ import sys
 
 import pytest
 import torch
+from conftest import SCAN_INPUTS, make_scan_inputs, relative_error, run_scan, ss2d_params
 from safetensors.torch import load_file
 
 pytest.importorskip("triton")
 
 from vmamba_cli import kernels  # noqa: E402
-from vmamba_cli.kernels import scan_triton  # noqa: E402
-from vmamba_cli.kernels.cross_scan import cross_merge_reference, cross_scan_reference  # noqa: E402
-from vmamba_cli.kernels.scan_torch import selective_scan_reference  # noqa: E402
+from vmamba_cli.kernels import triton as scan_triton  # noqa: E402
+from vmamba_cli.kernels.reference import (cross_merge_reference, cross_scan_reference,  # noqa: E402
+                                          selective_scan_reference)
+from vmamba_cli.kernels.triton import DEFAULT_TUNING, ss2d  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not scan_triton._INTERPRET,
+pytestmark = pytest.mark.skipif(not scan_triton.INTERPRET,
                                 reason="needs TRITON_INTERPRET=1 before triton is imported")
 
-SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| over max |expected| (the fixture's own tolerance convention)."""
-    scale = expected.abs().max().clamp_min(1e-12)
-    return ((actual.float() - expected.float()).abs().max() / scale).item()
-
-
-def _make_scan_inputs(batch, groups, per_group, d_state, length, dtype=torch.float32, seed=0):
-    """Inputs in the value ranges VMamba feeds the scan (A = -exp(A_log), softplus'd small steps)."""
-    gen = torch.Generator().manual_seed(seed)
-    channels = groups * per_group
-    inputs = {
-        "u": torch.randn(batch, channels, length, generator=gen),
-        "delta": torch.randn(batch, channels, length, generator=gen) * 0.5 - 1.0,
-        "A": -torch.exp(torch.randn(channels, d_state, generator=gen) * 0.5),
-        "B": torch.randn(batch, groups, d_state, length, generator=gen),
-        "C": torch.randn(batch, groups, d_state, length, generator=gen),
-        "D": torch.randn(channels, generator=gen),
-        "delta_bias": torch.randn(channels, generator=gen) * 0.5,
-    }
-    # A few pre-activations above softplus' threshold of 20 (identity branch, gradient 1).
-    inputs["delta"][..., :: max(1, length // 3)] += 22.0
-    for name in ("u", "delta", "B", "C"):
-        inputs[name] = inputs[name].to(dtype)
-    return inputs
-
-
-def _run_scan(fn, inputs, dout, **kwargs):
-    """y and the gradients of sum(y * dout) with respect to every input."""
-    leaves = {k: v.detach().clone().requires_grad_(True) if v is not None else None for k, v in inputs.items()}
-    y = fn(*(leaves[k] for k in SCAN_INPUTS), **kwargs)
-    (y.float() * dout).sum().backward()
-    return y.detach(), {k: (v.grad if v is not None else None) for k, v in leaves.items()}
+_relative_error = relative_error
+_make_scan_inputs = make_scan_inputs
+_run_scan = run_scan
 
 
 def _assert_close_to_reference(inputs, tol, grad_tol=None, softplus=True, **kwargs):
@@ -95,22 +66,22 @@ def test_scan_matches_official_fixture(fixtures_dir, prefix):
         assert err <= 1e-5, f"{prefix}d{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("d_state,prefetch", [(1, False), (1, True), (8, False), (16, False)])
-def test_scan_multi_chunk_matches_reference(monkeypatch, d_state, prefetch):
+@pytest.mark.parametrize("d_state,block_d", [(1, None), (1, 4), (8, None), (16, None)])
+def test_scan_multi_chunk_matches_reference(d_state, block_d):
     # L = 37 is a multiple of no block size; 6 channels per group leave masked lanes in BLOCK_D = 8;
     # chunk_size = 16 with 8-step tiles gives three chunks of two tiles, so both carry passes
-    # (forward h, backward dh) and the tile-to-tile hand-over inside a chunk run. prefetch: the
-    # N = 1 kernels load each tile one iteration ahead (never past their chunk's ends), and the
-    # backward writes dB / dC partials of two 4-channel blocks instead of adding them atomically.
-    for switch in ("N1_PREFETCH", "N1_TRAINING_PREFETCH", "N1_BACKWARD_PREFETCH", "N1_BACKWARD_BC_PARTIALS"):
-        monkeypatch.setattr(scan_triton, switch, prefetch)
-    launch = dict(chunk_size=16, block_t=8, block_d=4 if prefetch else None)
+    # (forward h, backward dh) and the tile-to-tile hand-over inside a chunk run. N = 1: the
+    # training forward loads tile by tile, the inference forward one tile ahead, and the backward
+    # (always one tile ahead, never past its chunk's ends) writes dB / dC partials of one or (with
+    # block_d = 4) two channel blocks.
+    launch = dict(chunk_size=16, block_t=8, block_d=block_d)
     cfg = scan_triton.choose_scan_config(1, 2, 6, d_state, 37, training=True, **launch)
     assert cfg[2:5] == (8, 16, 3)
-    assert (cfg.prefetch, cfg.bwd_prefetch, cfg.bwd_bc_partials) == (prefetch, prefetch, prefetch)
+    assert cfg.prefetch is False
+    assert scan_triton.choose_scan_config(1, 2, 6, d_state, 37, **launch).prefetch is (d_state == 1)
     inputs = _make_scan_inputs(batch=1, groups=2, per_group=6, d_state=d_state, length=37, seed=d_state)
     _assert_close_to_reference(inputs, tol=1e-5, **launch)
-    # No backward to follow: the inference launch (its own tiles and prefetch switch).
+    # No backward to follow: the inference launch (its own tiles, loads one tile ahead).
     args = [inputs[k] for k in SCAN_INPUTS]
     with torch.no_grad():
         y = scan_triton.selective_scan(*args, delta_softplus=True, **launch)
@@ -263,7 +234,7 @@ _AOT_PLAN = ([(cap, io, (1, 16)) for cap in (80, 90) for io in ("fp32", "bf16")]
 
 _AOT_SCRIPT = """
 import json, sys
-from vmamba_cli.kernels.scan_triton import compile_kernels
+from vmamba_cli.kernels.triton.aot import compile_kernels
 cap, io, d_states = int(sys.argv[1]), sys.argv[2], tuple(int(n) for n in sys.argv[3].split(','))
 print(json.dumps(compile_kernels(cap, io_dtypes=(io,), d_states=d_states)))
 """
@@ -299,11 +270,12 @@ def test_every_kernel_compiles_for_gpu(aot_results, cap, io, d_states):
         for reverse in (False, True):
             expected.add(f"chunk_carry[N={n},reverse={reverse}]/fp32")
     if 1 in d_states:
-        expected |= {f"{name}[N=1,map]/{io}" for name in ("chunk_state", "scan_fwd", "bwd_chunk", "scan_bwd")}
-        # The N = 1 scans loading tiles ahead (the backward with dB / dC partials), both layouts.
-        expected |= {f"{name}[N=1{tag},prefetch]/{io}" for name in ("scan_fwd", "scan_bwd") for tag in ("", ",map")}
-        # The fused core's inference forward forming delta itself, with and without the lookahead.
-        expected |= {f"scan_fwd[N=1,map{tag},dt_proj]/{io}" for tag in ("", ",prefetch")}
+        # The N = 1 forwards reading u from the map (the fused core), and loading one tile ahead
+        # (the inference launch), both layouts.
+        expected |= {f"{name}[N=1,map]/{io}" for name in ("chunk_state", "scan_fwd")}
+        expected |= {f"scan_fwd[N=1{tag},prefetch]/{io}" for tag in ("", ",map")}
+        # The fused core's inference forward forming delta itself.
+        expected.add(f"scan_fwd[N=1,map,prefetch,dt_proj]/{io}")
     for merge in (False, True):
         expected.add(f"cross[merge={merge}]/{io}")
         expected.add(f"route[to_map={merge}]/{io}")
@@ -316,10 +288,10 @@ def test_every_kernel_compiles_for_gpu(aot_results, cap, io, d_states):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_ss2d_core_with_triton_matches_torch_backend(monkeypatch, fused):
+def test_ss2d_core_with_triton_matches_torch_backend(fused):
     """The model's SS2D core (cross-scan, projections, scan, merge) through the Triton ops, fwd + bwd:
     the fused core (the default) and the composed one."""
-    monkeypatch.setattr(scan_triton, "FUSED_CROSS_SCAN", fused)
+    tuning = dataclasses.replace(DEFAULT_TUNING, fused_cross_scan=fused)
     gen = torch.Generator().manual_seed(12)
     batch, d_inner, height, width, d_state, rank, k = 1, 4, 3, 5, 1, 2, 4
     params = {
@@ -334,7 +306,7 @@ def test_ss2d_core_with_triton_matches_torch_backend(monkeypatch, fused):
     results = {}
     for backend in ("triton", "torch"):
         leaves = {name: v.clone().requires_grad_(True) for name, v in {"x": x, **params}.items()}
-        out = kernels.cross_selective_scan(*leaves.values(), backend=backend)
+        out = kernels.cross_selective_scan(*leaves.values(), backend=backend, tuning=tuning)
         (out * g).sum().backward()
         results[backend] = (out.detach(), {name: v.grad for name, v in leaves.items()})
     out_t, grads_t = results["triton"]
@@ -345,15 +317,7 @@ def test_ss2d_core_with_triton_matches_torch_backend(monkeypatch, fused):
 
 
 def _ss2d_params(d_inner, d_state, rank, seed, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    k = 4
-    return {
-        "x_proj_weight": torch.randn(k, rank + 2 * d_state, d_inner, generator=gen) * 0.5,
-        "dt_projs_weight": torch.randn(k, d_inner, rank, generator=gen) * 0.5,
-        "dt_projs_bias": torch.randn(k, d_inner, generator=gen) * 0.5,
-        "A_logs": torch.randn(k * d_inner, d_state, generator=gen) * 0.3,
-        "Ds": torch.randn(k * d_inner, generator=gen),
-    }
+    return ss2d_params(d_inner, d_state, rank, seed=seed)
 
 
 def _core_outputs(core, x, params, g):
@@ -363,24 +327,17 @@ def _core_outputs(core, x, params, g):
     return out.detach(), {name: v.grad for name, v in leaves.items()}
 
 
-@pytest.mark.parametrize("height,width,channels_last,launch,reads_map", [
-    (3, 5, True, {}, True),
-    (5, 3, False, {}, True),
+@pytest.mark.parametrize("height,width,channels_last,launch", [
+    (3, 5, True, {}),
+    (5, 3, False, {}),
     # 35 steps in 8-step tiles and 16-step chunks: both carry passes and the tile hand-over, with
     # every route's pixels crossing tile and chunk borders at different places.
-    (7, 5, True, dict(chunk_size=16, block_t=8, block_d=4), True),
-    # The backward that builds sequence-ordered copies instead (BACKWARD_READS_MAP = False).
-    (7, 5, True, dict(chunk_size=16, block_t=8, block_d=4), False),
-    # Both kernels loading the next tile ahead along the routes.
-    (5, 7, True, dict(chunk_size=16, block_t=8, block_d=4, prefetch=True), True),
+    (7, 5, True, dict(chunk_size=16, block_t=8, block_d=4)),
+    (5, 7, True, dict(chunk_size=16, block_t=8, block_d=4)),
 ])
-def test_fused_core_reads_the_map_along_each_route(monkeypatch, height, width, channels_last, launch, reads_map):
-    """The d_state = 1 core builds no cross-scan copies (in the backward only when asked to); output
-    and all six gradients equal the composed torch ops (which do build them)."""
-    launch = dict(launch)
-    prefetch = launch.pop("prefetch", False)
-    for switch in ("N1_PREFETCH", "N1_TRAINING_PREFETCH", "N1_BACKWARD_PREFETCH", "N1_BACKWARD_BC_PARTIALS"):
-        monkeypatch.setattr(scan_triton, switch, prefetch)
+def test_fused_core_reads_the_map_along_each_route(monkeypatch, height, width, channels_last, launch):
+    """The d_state = 1 core's forward builds no cross-scan copies (its backward builds them);
+    output and all six gradients equal the composed torch ops (which do build them)."""
     from vmamba_cli.kernels import compose_cross_selective_scan
 
     batch, d_inner, rank = 2, 6, 2
@@ -390,14 +347,20 @@ def test_fused_core_reads_the_map_along_each_route(monkeypatch, height, width, c
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn(batch, d_inner, height, width, generator=gen)
-    # The fused path must not fall back to the composed ops or build the cross-scan.
-    monkeypatch.setattr(scan_triton, "FUSED_TRAINING", True)
-    monkeypatch.setattr(scan_triton, "BACKWARD_READS_MAP", reads_map)
-    if reads_map:
-        monkeypatch.setattr(scan_triton, "_scan_layout", lambda *a, **k: pytest.fail("cross-scan copies built"))
-    out_f, grads_f = _core_outputs(lambda *a: scan_triton.cross_selective_scan(*a, **launch), x, params, g)
+    # The fused path must not fall back to the composed ops; its forward builds no cross-scan.
+    layouts = []
+    real_layout = ss2d.scan_layout
+    monkeypatch.setattr(ss2d, "scan_layout", lambda *a, **k: layouts.append(a[0].shape) or real_layout(*a, **k))
+    monkeypatch.setattr(ss2d, "_composed", lambda *a, **k: pytest.fail("composed ops ran"))
+    leaves = {name: v.clone().requires_grad_(True) for name, v in {"x": x, **params}.items()}
+    out_f = ss2d.cross_selective_scan(*leaves.values(), **launch)
+    assert layouts == []
+    (out_f.float() * g).sum().backward()
+    assert len(layouts) == 2          # the backward's copies of x and of the gradient
+    out_f, grads_f = out_f.detach(), {name: v.grad for name, v in leaves.items()}
     with torch.no_grad():   # inference launch: no tile states kept
-        out_inference = scan_triton.cross_selective_scan(x, *params.values(), **launch)
+        out_inference = ss2d.cross_selective_scan(x, *params.values(), **launch)
+    assert len(layouts) == 2
     monkeypatch.undo()
     out_ref, grads_ref = _core_outputs(
         lambda *a: compose_cross_selective_scan(*a, backend="torch"), x, params, g)
@@ -409,30 +372,29 @@ def test_fused_core_reads_the_map_along_each_route(monkeypatch, height, width, c
         assert _relative_error(grads_f[name], grad) <= 1e-5, name
 
 
-@pytest.mark.parametrize("height,width,rank,prefetch", [(7, 5, 3, False), (5, 7, 3, True), (1, 1, 1, True)])
-def test_fused_core_inference_forms_delta_in_the_kernel(monkeypatch, height, width, rank, prefetch):
-    """Inference through the fused core (FUSED_DT_PROJ, one chunk): the scan kernel projects the
+@pytest.mark.parametrize("height,width,rank", [(7, 5, 3), (5, 7, 3), (1, 1, 1)])
+def test_fused_core_inference_forms_delta_in_the_kernel(monkeypatch, height, width, rank):
+    """Inference through the fused core (fused_dt_proj, one chunk): the scan kernel projects the
     routed low-rank rows itself and reads B and C from them in place; no delta tensor, no matmul.
     Several channel blocks and tiles (35 steps in 8-step tiles), an odd rank, L = 1."""
     from vmamba_cli.kernels import compose_cross_selective_scan
 
-    monkeypatch.setattr(scan_triton, "FUSED_DT_PROJ", True)
-    monkeypatch.setattr(scan_triton, "N1_PREFETCH", prefetch)
     params = _ss2d_params(6, 1, rank, seed=25)
     x = torch.randn(2, 6, height, width, generator=torch.Generator().manual_seed(26))
     x = x.contiguous(memory_format=torch.channels_last)
     forwards = []
-    real_forward = scan_triton._scan_forward
+    real_forward = ss2d.scan_forward
 
     def spy(*args, **kwargs):
         forwards.append(kwargs.get("dt_proj"))
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(scan_triton, "_scan_forward", spy)
-    monkeypatch.setattr(scan_triton.torch, "matmul", lambda *a, **k: pytest.fail("delta built by a matmul"))
+    monkeypatch.setattr(ss2d, "scan_forward", spy)
+    monkeypatch.setattr(ss2d.torch, "matmul", lambda *a, **k: pytest.fail("delta built by a matmul"))
     with torch.no_grad():
-        out = scan_triton.cross_selective_scan(x, *params.values(), block_t=8, block_d=4)
+        out = ss2d.cross_selective_scan(x, *params.values(), tuning=DEFAULT_TUNING, block_t=8, block_d=4)
     monkeypatch.undo()
+    assert DEFAULT_TUNING.fused_dt_proj
     assert len(forwards) == 1 and forwards[0] is not None and forwards[0].shape == (24, rank)
     expected = compose_cross_selective_scan(x, *params.values(), backend="torch")
     assert out.shape == expected.shape
@@ -440,9 +402,9 @@ def test_fused_core_inference_forms_delta_in_the_kernel(monkeypatch, height, wid
 
 
 def test_fused_core_bf16_and_switches(monkeypatch):
-    """bf16 activations through the fused core (loose tolerance); the switches: fused with and
-    without a backward by default, composed with a backward when FUSED_TRAINING is off and
-    throughout when FUSED_CROSS_SCAN is off."""
+    """bf16 activations through the fused core (loose tolerance); the tuning switches: fused with
+    and without a backward by default, composed with a backward when fused_training is off and
+    throughout when fused_cross_scan is off."""
     from vmamba_cli.kernels import compose_cross_selective_scan
 
     params = _ss2d_params(4, 1, 2, seed=23)
@@ -452,22 +414,25 @@ def test_fused_core_bf16_and_switches(monkeypatch):
     assert actual.dtype == torch.float32
     assert _relative_error(actual, expected) <= 5e-2
     calls = []
-    monkeypatch.setattr(scan_triton, "_TritonCrossScanMerge",
+    monkeypatch.setattr(ss2d, "_TritonCrossScanMerge",
                         type("Spy", (), {"apply": staticmethod(lambda *a: calls.append(a))}))
     kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton")
     assert len(calls) == 1
     # B and C reach the kernels as views of the routed projections (no copies), rows (R + 2) * L apart.
     B, C = calls[0][3], calls[0][4]
     assert not B.is_contiguous() and B.stride(1) == C.stride(1) == (2 + 2) * x.shape[2] * x.shape[3]
-    monkeypatch.setattr(scan_triton, "FUSED_DT_PROJ", False)
-    kernels.cross_selective_scan(x, *params.values(), backend="triton")
+    tuning = dataclasses.replace(DEFAULT_TUNING, fused_dt_proj=False)
+    kernels.cross_selective_scan(x, *params.values(), backend="triton", tuning=tuning)
     assert len(calls) == 2
-    monkeypatch.setattr(scan_triton, "FUSED_TRAINING", False)
-    trained = kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton")
+    tuning = dataclasses.replace(tuning, fused_training=False)
+    trained = kernels.cross_selective_scan(x.clone().requires_grad_(True), *params.values(), backend="triton",
+                                           tuning=tuning)
     assert len(calls) == 2 and trained.requires_grad and _relative_error(trained.detach(), expected) <= 1e-5
-    monkeypatch.setattr(scan_triton, "FUSED_CROSS_SCAN", False)
-    composed = kernels.cross_selective_scan(x, *params.values(), backend="triton")
+    tuning = dataclasses.replace(tuning, fused_cross_scan=False)
+    composed = kernels.cross_selective_scan(x, *params.values(), backend="triton", tuning=tuning)
     assert len(calls) == 2 and _relative_error(composed, expected) <= 1e-5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT_TUNING.fused_dt_proj = False
 
 
 @pytest.mark.parametrize("height,width", [(3, 5), (4, 4)])
@@ -476,7 +441,7 @@ def test_route_projections_match_cross_scan(height, width):
     gen = torch.Generator().manual_seed(25)
     batch, per_route = 2, 3
     proj = torch.randn(batch, height, width, 4 * per_route, generator=gen, requires_grad=True)
-    seq = scan_triton._RouteProjections.apply(proj)
+    seq = ss2d._RouteProjections.apply(proj)
     every_route = cross_scan_reference(proj.detach().permute(0, 3, 1, 2))   # (B, 4, 4*C, L)
     expected = torch.stack([every_route[:, k, k * per_route:(k + 1) * per_route] for k in range(4)], dim=1)
     assert torch.equal(seq.detach(), expected)
@@ -494,7 +459,7 @@ def test_route_projections_match_cross_scan(height, width):
 
 @pytest.mark.parametrize("rows,channels", [(37, 96), (3, 768), (64, 24)])
 def test_layer_norm_rows_matches_torch(rows, channels):
-    from vmamba_cli.kernels.layernorm_triton import layer_norm_rows
+    from vmamba_cli.kernels.triton.layernorm import layer_norm_rows
 
     gen = torch.Generator().manual_seed(rows + channels)
     x = (torch.randn(rows, channels, generator=gen) * 3 + 1).requires_grad_(True)
@@ -513,7 +478,7 @@ def test_layer_norm_rows_matches_torch(rows, channels):
 
 
 def test_layer_norm_rows_low_precision_input():
-    from vmamba_cli.kernels.layernorm_triton import layer_norm_rows
+    from vmamba_cli.kernels.triton.layernorm import layer_norm_rows
 
     x = torch.randn(16, 40, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     weight, bias = torch.ones(40), torch.zeros(40)
@@ -525,7 +490,7 @@ def test_layer_norm_rows_low_precision_input():
 def test_layer_norm_rows_output_dtype():
     """out_dtype writes the normalised rows in another dtype: the float32 result rounded once,
     bit for bit; the gradient still reaches x in x's dtype."""
-    from vmamba_cli.kernels.layernorm_triton import layer_norm_rows
+    from vmamba_cli.kernels.triton.layernorm import layer_norm_rows
 
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(12, 24, generator=gen).requires_grad_(True)

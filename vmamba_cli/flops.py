@@ -1,6 +1,6 @@
-"""FLOPs of VMamba in the official convention, and the selective scan made visible to FLOP counters.
+"""FLOPs of VMamba in the official convention (the analytic count; no model is built).
 
-Official convention (fvcore, spec §6): one multiply-add = 1 FLOP; convolutions and linears count
+Official convention (fvcore, docs/design.md §6): one multiply-add = 1 FLOP; convolutions and linears count
 ``output elements x (C_in / groups) x k_h x k_w`` (bias not counted), LayerNorm ``5 x numel``,
 adaptive average pooling ``numel(input)``; element-wise ops (add, mul, SiLU, GELU, softplus, exp,
 flip, permute) count 0; the selective scan counts ``9*B*L*D*N + B*D*L`` (D = channels of u, i.e.
@@ -10,15 +10,9 @@ significant digits -- that rounding is what makes the published v0 numbers end i
 
 ``count_flops`` evaluates the closed form for any ``VMambaConfig`` and input size (no model built).
 
-``torch.utils.flop_counter.FlopCounterMode`` only counts ATen ops that have a formula, so a scan
-written from element-wise ops (or a native kernel) is invisible to it. ``mark_selective_scan``
-routes the scan output through a tiny custom op, ``vmamba::selective_scan_flops``, carrying the
-official count (x2: FlopCounterMode counts 2 FLOPs per multiply-add) whenever a dispatch mode such
-as FlopCounterMode is active; outside such a mode it returns its input untouched, so normal
-forward/backward pays nothing. Its backward is a marker too (2x the forward count, the usual
-convention for a linear op's two gradient products) and passes the gradient through unchanged.
-While a dispatch mode is active, ``kernels.cross_selective_scan`` also skips fused SS2D kernels and
-runs the separate ops, so the x/dt projections are counted as the matmuls they are.
+The scan's own formula, and the mark that makes the scan visible to
+``torch.utils.flop_counter.FlopCounterMode``, belong to the kernels layer
+(``vmamba_cli.kernels.flops``); they are re-exported here for the application.
 """
 
 from __future__ import annotations
@@ -27,11 +21,10 @@ import math
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-from torch.utils.flop_counter import register_flop_formula
+from vmamba_cli.kernels import NUM_DIRECTIONS
+from vmamba_cli.kernels.flops import in_dispatch_mode, mark_selective_scan, scan_flops
 
-if TYPE_CHECKING:  # model.py imports the kernels package, which imports this module
+if TYPE_CHECKING:  # annotations only
     from vmamba_cli.model import VMambaConfig
 
 __all__ = [
@@ -39,17 +32,9 @@ __all__ = [
     "stage_sizes", "mark_selective_scan", "in_dispatch_mode", "NUM_DIRECTIONS",
 ]
 
-NUM_DIRECTIONS = 4
-
-
 # ------------------------------------------------------------------------------------------------
 # Closed form
 # ------------------------------------------------------------------------------------------------
-
-def scan_flops(batch: int, channels: int, length: int, d_state: int, with_d: bool = True) -> int:
-    """Official selective-scan count: 9*B*L*D*N (+ B*D*L for the D skip term)."""
-    return 9 * batch * length * channels * d_state + (batch * channels * length if with_d else 0)
-
 
 def fvcore_einsum_flops(multiply_adds: int) -> int:
     """What fvcore reports for an einsum of ``multiply_adds`` MACs.
@@ -176,61 +161,3 @@ def count_flops(config: "VMambaConfig", resolution=224, batch: int = 1,
     Equals the published numbers at 224x224 for all nine released configs (``ModelSpec.flops``).
     """
     return sum(flops_breakdown(config, resolution, batch, legacy_einsum).values())
-
-
-# ------------------------------------------------------------------------------------------------
-# torch.utils.flop_counter registration
-# ------------------------------------------------------------------------------------------------
-# Each marker is an out-of-place identity (custom ops may not alias their input) whose only job is
-# to carry a FLOP formula; it is called only while a TorchDispatchMode is active.
-
-@torch.library.custom_op("vmamba::selective_scan_flops", mutates_args=())
-def _scan_marker(y: torch.Tensor, d_state: int) -> torch.Tensor:
-    return y.clone()
-
-
-@torch.library.custom_op("vmamba::selective_scan_backward_flops", mutates_args=())
-def _scan_backward_marker(grad: torch.Tensor, d_state: int) -> torch.Tensor:
-    return grad.clone()
-
-
-for _op in (_scan_marker, _scan_backward_marker):
-    _op.register_fake(lambda t, *args: torch.empty_like(t))
-
-
-def _scan_marker_backward(ctx, grad):
-    return torch.ops.vmamba.selective_scan_backward_flops(grad, ctx.d_state), None
-
-
-def _save_d_state(ctx, inputs, output):
-    ctx.d_state = inputs[1]
-
-
-_scan_marker.register_autograd(_scan_marker_backward, setup_context=_save_d_state)
-
-
-def _scan_formula_macs(y_shape, d_state: int) -> int:
-    batch, channels, length = y_shape
-    return scan_flops(batch, channels, length, d_state)
-
-
-@register_flop_formula(torch.ops.vmamba.selective_scan_flops)
-def _scan_flop_formula(y_shape, d_state, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _scan_formula_macs(y_shape, d_state)
-
-
-@register_flop_formula(torch.ops.vmamba.selective_scan_backward_flops)
-def _scan_backward_flop_formula(grad_shape, d_state, *args, out_shape=None, **kwargs) -> int:
-    return 4 * _scan_formula_macs(grad_shape, d_state)
-
-
-def in_dispatch_mode() -> bool:
-    """True while a TorchDispatchMode (FlopCounterMode, FakeTensorMode, ...) is active."""
-    return is_in_torch_dispatch_mode()
-
-
-def mark_selective_scan(y: torch.Tensor, d_state: int) -> torch.Tensor:
-    """Let FLOP counters see a selective scan whose output is ``y`` (B, K*D, L); identity otherwise."""
-    if not is_in_torch_dispatch_mode():
-        return y
-    return torch.ops.vmamba.selective_scan_flops(y, int(d_state))

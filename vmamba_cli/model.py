@@ -25,10 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vmamba_cli.errors import UnknownModelError
-from vmamba_cli.kernels import cross_selective_scan, in_dispatch_mode
+from vmamba_cli.kernels import NUM_DIRECTIONS, cross_selective_scan, in_dispatch_mode
 
 LN_EPS = 1e-5
-NUM_DIRECTIONS = 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +250,7 @@ class LayerNorm(nn.LayerNorm):
         if not (x.is_cuda and x.is_contiguous() and self.elementwise_affine and self.bias is not None
                 and self.backend in ("auto", "triton") and not in_dispatch_mode()):
             return None
-        from vmamba_cli.kernels import layernorm_triton
+        from vmamba_cli.kernels.triton import layernorm as layernorm_triton
 
         return layernorm_triton.layer_norm_rows if layernorm_triton.is_available(x.device) else None
 

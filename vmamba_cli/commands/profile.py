@@ -96,6 +96,42 @@ def _print_table(rows: list[dict], env: dict, command: str, train: bool) -> None
     (console if console.is_terminal else Console(stderr=True, width=170)).print(table)
 
 
+def _print_scaling(report: dict, train: bool) -> None:
+    from rich.table import Table
+
+    from vmamba_cli.profile import describe_crossover
+
+    ref = report["reference"]
+    table = Table(title="cost against pixel count: fitted exponent of log cost on log pixels (1 linear, 2 quadratic)"
+                        + (f"; where {ref} overtakes each model" if ref else ""))
+    columns = ["model", "resolutions", "FLOPs exp", "time exp", "memory exp"]
+    if train:
+        columns.append("train time exp")
+    if ref:
+        columns += [f"{ref} ahead in img/s", "ahead in memory"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("model", "resolutions") else "right")
+    crossings = {c["model"]: c for c in report["crossovers"]}
+
+    def exp(entry, key):
+        value = entry.get(key)
+        return "-" if value is None else f"{value:.2f}"
+
+    for entry in report["models"]:
+        cells = [entry["model"], " ".join(map(str, entry["resolutions"])) or "-", exp(entry, "flops_exponent"),
+                 exp(entry, "time_exponent"), exp(entry, "memory_exponent")]
+        if train:
+            cells.append(exp(entry, "train_time_exponent"))
+        if ref:
+            c = crossings.get(entry["model"])
+            cells += ["reference", ""] if c is None else [describe_crossover(c["images_per_s"]),
+                                                          describe_crossover(c["peak_memory_mb"])]
+        table.add_row(*cells)
+    from rich.console import Console
+
+    (console if console.is_terminal else Console(stderr=True, width=170)).print(table)
+
+
 def _caption(env: dict, rows: list[dict], command: str) -> str:
     bandwidth = next((r.get("bandwidth_gbs") for r in rows if r.get("bandwidth_gbs")), None)
     scan_ops = sorted({r["scan_op"] for r in rows if r.get("scan_op")})
@@ -136,7 +172,8 @@ def register(app: typer.Typer) -> None:
                                              help="Square input size(s), e.g. `--resolution 224 512 1024`."),
         compare: List[str] = typer.Option([], "--compare",
                                           help="torchvision models measured in the same run (random weights), "
-                                               "e.g. `--compare swin_t convnext_tiny resnet50 vit_b_16`."),
+                                               "e.g. `--compare swin_t convnext_tiny resnet50 vit_b_16`; ViTs "
+                                               "are built for each resolution (image_size=res)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b",
                                                  help="Batch size (default 1 on CPU, 32 on CUDA); halved on OOM."),
         train: bool = typer.Option(False, "--train", help="Also time a training step (forward+backward, no optimizer)."),
@@ -153,10 +190,12 @@ def register(app: typer.Typer) -> None:
                                                       help="Machine memory bandwidth in GB/s (default: measured by a copy)."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
         csv_path: Optional[str] = typer.Option(None, "--csv", help="Write one CSV row per model and resolution."),
-        plot: Optional[str] = typer.Option(None, "--plot", help="Save images/s and memory vs resolution as PNG."),
+        plot: Optional[str] = typer.Option(None, "--plot",
+                                           help="Save time per image and peak memory against pixel count "
+                                                "(log-log, fitted slopes in the legend) as PNG."),
     ):
         """Params, FLOPs, latency, images/s, peak memory and scan GB/s per model and resolution."""
-        from vmamba_cli.profile import environment, plot_scaling, profile
+        from vmamba_cli.profile import environment, plot_scaling, profile, scaling_report
 
         if amp not in AMP_CHOICES:
             raise fail(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
@@ -186,13 +225,17 @@ def register(app: typer.Typer) -> None:
         if csv_path:
             with user_errors():
                 _write_csv(rows, csv_path)
+        scaling = scaling_report(rows)
         if plot:
             title = f"{env['device_name']} ({env['device']}), {dtype}, batch {rows[0].get('requested_batch_size')}"
-            plot_scaling(rows, plot, title=title)
+            with user_errors():
+                plot_scaling(rows, plot, title=title, report=scaling)
         if json_out:
-            print_json({"environment": env, "command": command, "rows": rows})
+            print_json({"environment": env, "command": command, "rows": rows, "scaling": scaling})
         else:
             _print_table(rows, env, command, train)
+            if len(resolution) > 1:
+                _print_scaling(scaling, train)
             if csv_path:
                 console.print(f"wrote {csv_path}")
             if plot:

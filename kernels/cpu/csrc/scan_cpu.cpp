@@ -1,4 +1,4 @@
-// Fused selective scan for CPUs (VMamba, spec §3.7 and §5), forward and backward.
+// Fused selective scan for CPUs (VMamba, docs/design.md §3.7 and §5), forward and backward.
 //
 // Built at first use by vmamba_cli/kernels/scan_cpu.py and called through ctypes: plain C ABI,
 // raw float32 pointers, no PyTorch headers (so the build takes seconds and survives torch updates).
@@ -8,7 +8,7 @@
 // -march=native, two SSE halves or NEON otherwise). The state stays float32.
 //
 // Two problem kinds share the same step code:
-//   fused  cross_selective_scan: x (B, L, Di) is read along the four scan routes of spec §3.7 by
+//   fused  cross_selective_scan: x (B, L, Di) is read along the four scan routes of docs/design.md §3.7 by
 //          index arithmetic, delta is formed on the fly from the per-pixel x_proj output
 //          (dt_projs_weight · dts + bias), and the four directions are summed into y (B, L, Di).
 //          Nothing of shape (B, 4, Di, L) is ever built.
@@ -20,7 +20,7 @@
 //
 // Backward: the forward saves the state entering every `chunk` steps; the backward recomputes
 // each chunk from its saved state (keeping the chunk's states in a small scratch buffer) and
-// then runs the reverse-time recurrence of spec §5.3 over it.
+// then runs the reverse-time recurrence of docs/design.md §5.3 over it.
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -461,7 +461,7 @@ void backward_run(const Run& r, Scratch& s) {
       });
     }
 
-    // Reverse-time pass (spec §5.3); `carry` holds exp(dt_{t+1} A) * dh_{t+1}.
+    // Reverse-time pass (docs/design.md §5.3); `carry` holds exp(dt_{t+1} A) * dh_{t+1}.
     for (int i = steps - 1; i >= 0; --i) {
       const int64_t l = l0 + i;
       if (l >= kPrefetch) prefetch_step(r, l - kPrefetch, R, N, true);
@@ -536,7 +536,7 @@ void backward_run(const Run& r, Scratch& s) {
   }
 }
 
-// Sequence index -> pixel for the four directions (spec §3.7): row-major, column-major, and both
+// Sequence index -> pixel for the four directions (docs/design.md §3.7): row-major, column-major, and both
 // reversed. Pixel p = h * W + w.
 std::vector<int32_t> build_routes(int64_t H, int64_t W) {
   const int64_t L = H * W;

@@ -11,7 +11,7 @@ Under CUDA autocast the result is float32, what autocast makes of ``F.layer_norm
 x in its own dtype and computes in float32 either way, so no cast of x is made. ``out_dtype`` writes
 another dtype instead: a LayerNorm whose only reader is a linear layer under autocast can hand it
 the float16 it would cast to (the same values, without the cast and its backward). Works under
-``TRITON_INTERPRET=1`` on CPU tensors (how the tests run).
+``TRITONINTERPRET=1`` on CPU tensors (how the tests run).
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ import functools
 
 import torch
 
-from .scan_triton import _INTERPRET, _cdiv, _next_power_of_2, triton
-
-if triton is not None:
-    import triton.language as tl
+from .common import INTERPRET, cdiv, next_power_of_2, tl, triton
 
 __all__ = ["layer_norm_rows", "is_available"]
 
@@ -34,7 +31,7 @@ def is_available(device) -> bool:
     if triton is None:
         return False
     device = torch.device(device)
-    return (device.type == "cuda" and torch.cuda.is_available()) or (device.type == "cpu" and _INTERPRET)
+    return (device.type == "cuda" and torch.cuda.is_available()) or (device.type == "cpu" and INTERPRET)
 
 
 if triton is not None:
@@ -87,7 +84,7 @@ if triton is not None:
 
 @functools.lru_cache(maxsize=None)
 def _launch_shape(n_cols):
-    block_c = _next_power_of_2(n_cols)
+    block_c = next_power_of_2(n_cols)
     block_r = max(1, _TILE_ELEMENTS // block_c)
     num_warps = 4 if block_c * block_r <= 4096 else 8
     return block_r, block_c, num_warps
@@ -105,7 +102,7 @@ class _LayerNormRows(torch.autograd.Function):
         # Few, shared allocations: the host time per call matters (96 calls per training step).
         mean, rstd = torch.empty(2, n_rows, dtype=torch.float32, device=x.device)
         w = weight.float().contiguous()
-        _ln_fwd_kernel[(_cdiv(n_rows, block_r),)](
+        _ln_fwd_kernel[(cdiv(n_rows, block_r),)](
             x, w, bias.float().contiguous(), y, mean, rstd, n_rows, n_cols, eps,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
         ctx.save_for_backward(x, w, mean, rstd)
@@ -117,7 +114,7 @@ class _LayerNormRows(torch.autograd.Function):
         x, w, mean, rstd = ctx.saved_tensors
         n_rows, n_cols = x.shape
         block_r, block_c, num_warps = _launch_shape(n_cols)
-        programs = _cdiv(n_rows, block_r)
+        programs = cdiv(n_rows, block_r)
         dx = torch.empty_like(x)
         parts = torch.empty(2, programs, n_cols, dtype=torch.float32, device=x.device)
         _ln_bwd_kernel[(programs,)](x, w, dy.contiguous(), mean, rstd, dx, parts[0], parts[1], n_rows, n_cols,

@@ -1,16 +1,10 @@
-"""Selective scan in plain PyTorch: the sequential reference and a blocked two-level form.
+"""The PyTorch path (backend "torch"): a blocked two-level selective scan, and cross-scan / merge
+with flips and transposes.
 
-Both compute, per batch b, channel c (direction group k = c // (KD / G)) and state n::
-
-    dt_t   = softplus(delta[b, c, t] + delta_bias[c])          (softplus optional)
-    h_t    = exp(dt_t * A[c, n]) * h_{t-1} + dt_t * B[b, k, n, t] * u[b, c, t],   h_{-1} = 0
-    y_t    = sum_n C[b, k, n, t] * h_t + D[c] * u[b, c, t]
-
-``selective_scan_reference`` is the oracle: one step at a time under autograd, float32 throughout.
-``selective_scan_blocked`` is the fast portable path: the recurrence is split into chunks that are
-scanned in lock-step (a short Python loop vectorised over every chunk of every channel), a second
-short loop carries the state across chunks, and the backward is written out by hand (spec §5.3)
-so that no per-step autograd graph is kept.
+The scan computes what ``reference.selective_scan_reference`` computes (docs/design.md §5.2), but
+the recurrence is split into chunks that are scanned in lock-step (a short Python loop vectorised
+over every chunk of every channel), a second short loop carries the state across chunks, and the
+backward is written out by hand (docs/design.md §5.3) so that no per-step autograd graph is kept.
 """
 
 from __future__ import annotations
@@ -20,77 +14,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .common import check_scan_shapes, empty_scan
+from .reference import step_size as _step_size
+
+__all__ = ["selective_scan_blocked", "linear_recurrence", "cross_scan_torch", "cross_merge_torch"]
+
 # Elements of one (batch, channel-block, N, L) working tensor; larger inputs are processed in
 # channel blocks so that the (B, KD, N, L) temporaries stay a few hundred MB at most.
-_MAX_BLOCK_ELEMENTS = 1 << 24
-
-
-def check_scan_shapes(u, delta, A, B, C, D=None, delta_bias=None) -> int:
-    """Validate the official selective-scan shapes; return the number of groups G."""
-    if u.dim() != 3:
-        raise ValueError(f"u must be (batch, channels, length), got {tuple(u.shape)}")
-    batch, channels, length = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != channels:
-        raise ValueError(f"A must be (channels={channels}, d_state), got {tuple(A.shape)}")
-    d_state = A.shape[1]
-    for name, m in (("B", B), ("C", C)):
-        if m.dim() != 4 or m.shape[0] != batch or m.shape[2] != d_state or m.shape[3] != length:
-            raise ValueError(
-                f"{name} must be (batch={batch}, groups, d_state={d_state}, length={length}), "
-                f"got {tuple(m.shape)}"
-            )
-    groups = B.shape[1]
-    if C.shape[1] != groups or channels % groups:
-        raise ValueError(f"B and C need the same group count dividing {channels}, got {B.shape[1]}, {C.shape[1]}")
-    for name, v in (("D", D), ("delta_bias", delta_bias)):
-        if v is not None and tuple(v.shape) != (channels,):
-            raise ValueError(f"{name} must be ({channels},), got {tuple(v.shape)}")
-    return groups
-
-
-def _per_channel(m: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, G, N, L) group matrix -> (B, channels, N, L), each group repeated for its channels."""
-    b, g, n, l = m.shape
-    return m[:, :, None].expand(b, g, channels // g, n, l).reshape(b, channels, n, l)
+MAX_BLOCK_ELEMENTS = 1 << 24
 
 
 def _group_index(channels: int, groups: int, device) -> torch.Tensor:
     """Group (direction) of every channel: channel c belongs to group c // (channels / groups)."""
     return torch.arange(channels, device=device) // (channels // groups)
-
-
-def _step_size(delta, delta_bias, delta_softplus):
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    return F.softplus(delta) if delta_softplus else delta
-
-
-# --------------------------------------------------------------------------------------------
-# Sequential reference (test oracle)
-# --------------------------------------------------------------------------------------------
-
-def selective_scan_reference(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
-                             output_dtype=torch.float32):
-    """Step-by-step selective scan; differentiable through autograd. Slow: use it as the oracle."""
-    check_scan_shapes(u, delta, A, B, C, D, delta_bias)
-    channels, length = u.shape[1], u.shape[2]
-    uf = u.float()
-    dt = _step_size(delta, delta_bias, delta_softplus)
-    Bc = _per_channel(B.float(), channels)
-    Cc = _per_channel(C.float(), channels)
-    Af = A.float()
-    h = uf.new_zeros(u.shape[0], channels, A.shape[1])
-    ys = []
-    for t in range(length):
-        h = torch.exp(dt[:, :, t, None] * Af) * h + (dt[:, :, t] * uf[:, :, t])[..., None] * Bc[..., t]
-        ys.append((h * Cc[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + D.float()[:, None] * uf
-    return y.to(output_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,9 +70,9 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -
     return h.movedim(0, -1).reshape(*lead, n_chunks * chunk)[..., :length]
 
 
-def _channel_blocks(batch, channels, d_state, length):
+def _channel_blocks(batch, channels, d_state, length, max_elements=MAX_BLOCK_ELEMENTS):
     per_channel = max(1, batch * d_state * length)
-    step = max(1, min(channels, _MAX_BLOCK_ELEMENTS // per_channel))
+    step = max(1, min(channels, max_elements // per_channel))
     return [(s, min(s + step, channels)) for s in range(0, channels, step)]
 
 
@@ -150,21 +86,21 @@ def _forward_block(u, dt, A, Bc, Cc):
 
 class _BlockedSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype):
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, output_dtype, max_elements):
         groups = B.shape[1]
         batch, channels, length = u.shape
         uf, dt = u.float(), _step_size(delta, delta_bias, delta_softplus)
         Af, Bf, Cf = A.float(), B.float(), C.float()
         y = torch.empty(batch, channels, length, dtype=torch.float32, device=u.device)
         group_of = _group_index(channels, groups, u.device)
-        for lo, hi in _channel_blocks(batch, channels, A.shape[1], length):
+        for lo, hi in _channel_blocks(batch, channels, A.shape[1], length, max_elements):
             Bc, Cc = Bf.index_select(1, group_of[lo:hi]), Cf.index_select(1, group_of[lo:hi])
             y[:, lo:hi] = _forward_block(uf[:, lo:hi], dt[:, lo:hi], Af[lo:hi], Bc, Cc)[0]
         if D is not None:
             y += D.float()[:, None] * uf
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
-        ctx.groups = groups
+        ctx.groups, ctx.max_elements = groups, max_elements
         return y.to(output_dtype)
 
     @staticmethod
@@ -182,7 +118,7 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         dB = torch.zeros_like(Bf)
         dC = torch.zeros_like(Cf)
         group_of = _group_index(channels, ctx.groups, u.device)
-        for lo, hi in _channel_blocks(batch, channels, A.shape[1], length):
+        for lo, hi in _channel_blocks(batch, channels, A.shape[1], length, ctx.max_elements):
             groups_b = group_of[lo:hi]
             Bc, Cc = Bf.index_select(1, groups_b), Cf.index_select(1, groups_b)
             u_b, dt_b, g_b = uf[:, lo:hi], dt[:, lo:hi], g[:, lo:hi]
@@ -211,11 +147,37 @@ class _BlockedSelectiveScan(torch.autograd.Function):
         d_bias = d_pre.sum((0, 2)) if delta_bias is not None else None
         return (du.to(u.dtype), d_pre.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if dD is None else dD.to(D.dtype),
-                None if d_bias is None else d_bias.to(delta_bias.dtype), None, None)
+                None if d_bias is None else d_bias.to(delta_bias.dtype), None, None, None)
 
 
 def selective_scan_blocked(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
-                           output_dtype=torch.float32):
-    """Blocked two-level selective scan with a hand-written backward (float32 state)."""
+                           output_dtype=torch.float32, max_block_elements=MAX_BLOCK_ELEMENTS):
+    """Blocked two-level selective scan with a hand-written backward (float32 state).
+
+    ``max_block_elements`` bounds the (batch, channel block, N, L) working tensors: channels are
+    processed in blocks of at most that many elements.
+    """
     check_scan_shapes(u, delta, A, B, C, D, delta_bias)
-    return _BlockedSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), output_dtype)
+    if u.numel() == 0:
+        return empty_scan(u, delta, A, B, C, D, delta_bias, output_dtype)
+    return _BlockedSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), output_dtype,
+                                       max_block_elements)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-scan / cross-merge
+# --------------------------------------------------------------------------------------------
+
+def cross_scan_torch(x: torch.Tensor) -> torch.Tensor:
+    b, d, height, width = x.shape
+    rows = x.reshape(b, d, height * width)
+    cols = x.transpose(2, 3).reshape(b, d, height * width)
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+
+
+def cross_merge_torch(ys: torch.Tensor) -> torch.Tensor:
+    b, k, d, height, width = ys.shape
+    seq = ys.reshape(b, k, d, height * width)
+    rows = seq[:, 0] + seq[:, 2].flip(-1)
+    cols = seq[:, 1] + seq[:, 3].flip(-1)
+    return rows.view(b, d, height, width) + cols.view(b, d, width, height).transpose(2, 3)
