@@ -247,3 +247,17 @@ def test_no_best_ema_without_ema(tmp_path):
                     progress=False)
     assert not (tmp_path / "r" / "best_ema.safetensors").exists()
     assert summary["best_ema_top1"] is None and summary["best_ema_epoch"] is None
+
+
+def test_state_files_without_the_new_settings_resume_with_what_they_did(tmp_path):
+    from vmamba_cli.train import config_for_resume
+    from vmamba_cli.train.state import STATE_FILE, write_state
+
+    cfg = load_config("imagenet", {"data": "digits", "output": str(tmp_path / "old")})
+    saved = cfg.to_dict()
+    del saved["color_jitter"], saved["randaugment_mstd"]  # a state file from before these settings
+    (tmp_path / "old").mkdir()
+    write_state(tmp_path / "old" / STATE_FILE, {"config": saved})
+    resumed = config_for_resume(tmp_path / "old")
+    assert (resumed.color_jitter, resumed.randaugment_mstd) == (0.0, 0.0)
+    assert resumed.randaugment and resumed.lr == cfg.lr
