@@ -261,3 +261,24 @@ def test_state_files_without_the_new_settings_resume_with_what_they_did(tmp_path
     resumed = config_for_resume(tmp_path / "old")
     assert (resumed.color_jitter, resumed.randaugment_mstd) == (0.0, 0.0)
     assert resumed.randaugment and resumed.lr == cfg.lr
+
+
+def test_first_run_in_a_fresh_process_draws_like_the_next(tmp_path):
+    # Building the data imports scikit-learn and timm lazily, and with them rich, whose import draws
+    # from Python's `random`; the augmentations (timm's, on that RNG) must not depend on it.
+    script = f"""
+import json, sys
+from vmamba_cli.train import load_config, train
+settings = json.loads({json.dumps(json.dumps({**TINY, "epochs": 1, "randaugment": True, "random_erasing": 0.25,
+                                                "crop_scale": [0.5, 1.0]}))})
+hashes = [train(load_config("digits", {{**settings, "output": sys.argv[1] + name}}), progress=False)
+          ["weights_sha256_per_rank"][0] for name in ("/a", "/b")]
+print(json.dumps(hashes))
+"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first == second

@@ -109,9 +109,6 @@ class Trainer:
         self.device = dist.device
         self.run_dir = output_dir(config)
         resume_state = load_resumable_state(self.run_dir, config, auto_resume)
-        # The same initial weights on every rank (DDP would broadcast rank 0's anyway, but the EMA
-        # copy and a restarted rank must agree); augmentation streams then differ per rank.
-        seed_everything(c.seed)
 
         self.data = build_datasets(
             c.data, c.image_size,
@@ -130,6 +127,12 @@ class Trainer:
             raise ValueError(f"num_classes={self.num_classes} but the data has {len(self.class_names)} classes")
         self.class_names += [f"class_{i}" for i in range(len(self.class_names), self.num_classes)]
 
+        # Seeded after the data is built: building it imports libraries lazily (scikit-learn, timm, and
+        # through them rich, whose import draws from Python's `random`), and the first run in a process
+        # must draw the same augmentations as the next. The same initial weights on every rank (DDP
+        # would broadcast rank 0's anyway, but the EMA copy and a restarted rank must agree);
+        # augmentation streams then differ per rank.
+        seed_everything(c.seed)
         model, self.model_name = build_model(c, self.num_classes, resume_state["arch"] if resume_state else None)
         if resume_state is not None:
             self.model_name = resume_state.get("model_name", self.model_name)
