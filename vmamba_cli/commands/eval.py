@@ -187,14 +187,12 @@ def register(app: typer.Typer) -> None:
                     )
                     sweeps = None
                 else:
-                    labels = _labels(weights_list, models)
-                    sweeps = []
-                    for m, w, label in zip(models, weights_list, labels):
-                        # No --resolution: each model at its own size (None).
-                        sweep = evaluate_resolutions(
-                            data_dir, m, w, resolutions=resolutions or [None], label=label, ema=ema, crop_pct=crop_pct, device=device, batch_size=batch_size,
-                            workers=workers, amp=amp, limit=limit, progress=sys.stderr.isatty())
-                        sweeps.append(sweep)
+                    # Without --resolution each model runs at its own size (None).
+                    sweeps = [evaluate_resolutions(data_dir, m, w, resolutions=resolutions or [None], label=label,
+                                                   ema=ema, crop_pct=crop_pct, device=device, batch_size=batch_size,
+                                                   workers=workers, amp=amp, limit=limit,
+                                                   progress=sys.stderr.isatty())
+                              for m, w, label in zip(models, weights_list, _labels(weights_list, models))]
             except VMambaError:
                 raise  # reported once by the CLI (vmamba_cli/cli.py), from rank 0 only
             except (ValueError, FileNotFoundError) as exc:
