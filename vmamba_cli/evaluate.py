@@ -333,25 +333,36 @@ def evaluate(
         raise InputError(f"limit must be at least 1, got {limit}")
 
     with process_group(device, distributed=distributed) as dist:
-        return _evaluate(data_dir, model, weights, ema=ema, class_names=class_names, resolution=resolution,
+        return _evaluate(data_dir, _load(model, weights, ema, class_names), ema=ema, resolution=resolution,
                          crop_pct=crop_pct, dist=dist, batch_size=batch_size, workers=workers,
                          amp_dtype=resolve_amp(amp, dist.device), limit=limit, predictions=predictions,
                          progress=progress)
 
 
-def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pct, dist: Dist, batch_size, workers,
+class _Loaded(NamedTuple):
+    net: torch.nn.Module
+    name: str
+    source: str | None
+    preset: Preprocess
+    class_names: list[str] | None
+
+
+def _load(model, weights, ema: bool, class_names) -> _Loaded:
+    if isinstance(model, torch.nn.Module):
+        names = list(class_names) if class_names is not None else None
+        return _Loaded(model, type(model).__name__, None, Preprocess(), names)
+    from vmamba_cli.weights import load_model
+
+    loaded = load_model(model, weights, ema=ema)
+    names = list(class_names) if class_names is not None else loaded.class_names
+    return _Loaded(loaded.model, loaded.name, loaded.source, loaded.preprocess, names)
+
+
+def _evaluate(data_dir, loaded: _Loaded, *, ema, resolution, crop_pct, dist: Dist, batch_size, workers,
               amp_dtype, limit, predictions, progress) -> EvalResult:
     dev, rank, world_size = dist.device, dist.rank, dist.world_size
-    if isinstance(model, torch.nn.Module):
-        net, model_name, source, preset = model, type(model).__name__, None, Preprocess()
-        names = list(class_names) if class_names is not None else None
-    else:
-        from vmamba_cli.weights import load_model
-
-        loaded = load_model(model, weights, ema=ema)
-        net, model_name, source, preset = loaded.model, loaded.name, loaded.source, loaded.preprocess
-        names = list(class_names) if class_names is not None else loaded.class_names
-    preset = preset.with_overrides(input_size=resolution, crop_pct=crop_pct)
+    net, model_name, source, names = loaded.net, loaded.name, loaded.source, loaded.class_names
+    preset = loaded.preset.with_overrides(input_size=resolution, crop_pct=crop_pct)
     num_classes = _num_classes(net)
     mapping = map_classes(data_dir, num_classes, names)
     scan = scan_image_folder(data_dir, mapping)
@@ -424,6 +435,133 @@ def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pc
     )
 
 
+# -- accuracy against resolution ----------------------------------------------------------------------
+
+@dataclass
+class ResolutionSweep:
+    """One model evaluated at several input sizes (the paper's generalisation-to-resolution test)."""
+
+    label: str                       # how tables and plots name the model (weights file stem by default)
+    results: list[EvalResult]        # one per resolution, in the order asked
+    preset_resolution: int           # the input size of the model's preset (a checkpoint's training size)
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [r.resolution for r in self.results]
+
+    @property
+    def exit_code(self) -> int:
+        return max((r.exit_code for r in self.results), default=EXIT_OK)
+
+    @property
+    def is_main_process(self) -> bool:
+        return all(r.is_main_process for r in self.results)
+
+
+def evaluate_resolutions(
+    data_dir: str | os.PathLike,
+    model: str | torch.nn.Module | None = None,
+    weights: str | os.PathLike | None = None,
+    *,
+    resolutions: Sequence[int | None],
+    label: str | None = None,
+    ema: bool = False,
+    class_names: Sequence[str] | None = None,
+    crop_pct: float | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    amp: str = "auto",
+    limit: int | None = None,
+    progress: bool = False,
+    distributed: bool | None = None,
+) -> ResolutionSweep:
+    """:func:`evaluate` at each of ``resolutions`` with the model built and its weights loaded once
+    (None in ``resolutions``: the model's own size, as :func:`evaluate` without a resolution).
+
+    Every resolution uses the same evaluation transform (resize the short side to resolution / crop_pct,
+    center-crop), so the images show the same content at more or fewer pixels, as in the paper's
+    test at larger inputs. VMamba has no position embedding, so one model runs at any size. Under
+    torchrun the counts are exact at every resolution, as for :func:`evaluate`.
+    """
+    resolutions = [None if r is None else int(r) for r in resolutions]
+    if not resolutions:
+        raise InputError("give at least one resolution")
+    bad = [r for r in resolutions if r is not None and r < 1]
+    if bad:
+        raise InputError(f"resolution must be positive, got {bad[0]}")
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, got {limit}")
+
+    with process_group(device, distributed=distributed) as dist:
+        loaded = _load(model, weights, ema, class_names)
+        amp_dtype = resolve_amp(amp, dist.device)
+        results = [_evaluate(data_dir, loaded, ema=ema, resolution=r, crop_pct=crop_pct, dist=dist,
+                             batch_size=batch_size, workers=workers, amp_dtype=amp_dtype, limit=limit,
+                             predictions=False, progress=progress) for r in resolutions]
+    if label is None:
+        label = Path(str(loaded.source)).stem if loaded.source else loaded.name
+    return ResolutionSweep(label, results, loaded.preset.input_size)
+
+
+def sweep_document(sweeps: Sequence[ResolutionSweep]) -> dict[str, Any]:
+    """The JSON document of `vmamba eval --json` for one or more models at one or more resolutions.
+
+    ``rows`` is always present: one :meth:`EvalResult.to_dict` per (model, resolution), with ``label``.
+    With one model at one resolution the top level is also that row's document (the shape of a plain
+    `vmamba eval --json`); otherwise the top level holds what the rows share (``data_dir``, ``device``,
+    ``batch_size``, ``world_size``, ``amp``) and the lists ``labels`` and ``resolutions``.
+    """
+    rows = [{"label": sweep.label, **result.to_dict()} for sweep in sweeps for result in sweep.results]
+    if len(rows) == 1:
+        single = {k: v for k, v in rows[0].items() if k != "label"}
+        return {**single, "rows": rows}
+    first = rows[0] if rows else {}
+    return {
+        **{key: first.get(key) for key in ("data_dir", "device", "batch_size", "world_size", "amp")},
+        "labels": [sweep.label for sweep in sweeps],
+        "resolutions": sorted({r for sweep in sweeps for r in sweep.resolutions}),
+        "rows": rows,
+    }
+
+
+def plot_accuracy_vs_resolution(sweeps: Sequence[ResolutionSweep], path: str | os.PathLike,
+                                title: str | None = None) -> Path:
+    """Top-1 against input resolution, one line per model, as a PNG (written atomically). A dotted
+    vertical line marks each model's preset size (the size a `vmamba train` checkpoint was trained at)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vmamba_cli.weights import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for sweep in sweeps:
+        points = sorted((r.resolution, r.top1) for r in sweep.results if r.top1 is not None)
+        if not points:
+            continue
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=sweep.label)
+        ax.axvline(sweep.preset_resolution, color=line.get_color(), linestyle=":", alpha=0.6)
+    resolutions = sorted({r for sweep in sweeps for r in sweep.resolutions})
+    ax.set_xticks(resolutions)
+    ax.set_xlabel("input resolution (pixels; dotted: the model's own size)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    first = sweeps[0].results[0] if sweeps and sweeps[0].results else None
+    ax.set_title(title or (f"accuracy against resolution on {first.data_dir}" if first else ""))
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
 def _json_number(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None  # JSON has no NaN
 
@@ -438,6 +576,7 @@ def _num_classes(net: torch.nn.Module) -> int:
 
 __all__ = [
     "EXIT_ERROR", "EXIT_IMAGE_FAILURES", "EXIT_OK", "EXIT_USAGE", "ClassMapping", "EvalBatch", "EvalFailure",
-    "EvalImageDataset", "EvalResult", "EvalSample", "Prediction", "class_folders", "collate_eval", "evaluate",
-    "imagenet_wnids", "map_classes", "scan_image_folder",
+    "EvalImageDataset", "EvalResult", "EvalSample", "Prediction", "ResolutionSweep", "class_folders", "collate_eval",
+    "evaluate", "evaluate_resolutions", "imagenet_wnids", "map_classes", "plot_accuracy_vs_resolution",
+    "scan_image_folder", "sweep_document",
 ]

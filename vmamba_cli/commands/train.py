@@ -95,8 +95,11 @@ def register(app: typer.Typer) -> None:
             print_json(summary)
         if summary["status"] == "completed":
             best = summary.get("best_top1")
+            ema = summary.get("best_ema_top1")
+            ema_text = f", best EMA {ema:.2f}% at epoch {summary['best_ema_epoch']}" if ema is not None else ""
             console.print(f"done: {summary['epochs_done']} epochs, held-out top-1 {summary['top1']:.2f}% "
-                          f"(best {best:.2f}%), {summary['train_time_s']:.0f}s; weights in {summary['run_dir']}",
+                          f"(best {best:.2f}%{ema_text}), {summary['train_time_s']:.0f}s; "
+                          f"weights in {summary['run_dir']}",
                           highlight=False, markup=False, soft_wrap=True)
         elif summary["status"] == "interrupted":
             raise typer.Exit(EXIT_INTERRUPTED)

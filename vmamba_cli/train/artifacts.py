@@ -18,7 +18,7 @@ import torch
 from vmamba_cli.train.state import STATE_FILE, RunProgress
 
 METRICS_FILE = "metrics.jsonl"
-WEIGHTS_FILES = ("last.safetensors", "best.safetensors")
+WEIGHTS_FILES = ("last.safetensors", "best.safetensors", "best_ema.safetensors")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ def summary(info: RunInfo, progress: RunProgress, status: str, message: str | No
         "best_top1": max((r["top1"] for r in records), default=None),
         "best_epoch": progress.best.get("epoch") or None,
         "best_ema_top1": max((r["ema_top1"] for r in records if r.get("ema_top1") is not None), default=None),
+        "best_ema_epoch": progress.best_ema.get("epoch") or None,
         "train_time_s": sum(r["epoch_time_s"] for r in records),
         "images_per_s": (sum(r["images"] for r in records) / max(sum(r["train_time_s"] for r in records), 1e-9))
         if records else None,

@@ -62,6 +62,8 @@ class TrainConfig:
     randaugment: bool = True
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
+    randaugment_mstd: float = 0.5              # magnitude drawn from N(magnitude, mstd) per op (timm mstd)
+    color_jitter: float = 0.4                  # only when randaugment is off (timm's rule), as officially
     random_erasing: float = 0.25
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -72,7 +74,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     # -- run --------------------------------------------------------------------------------------
     seed: int = 0                              # each process uses seed + rank
-    amp: str = "auto"                          # vmamba_cli.runtime.resolve_amp: auto = bf16 on CUDA, none on CPU
+    amp: str = "auto"                          # vmamba_cli.runtime.resolve_amp: auto = bf16 on CUDA, none on CPU;
+                                               # fp16 (the release runs) adds a GradScaler
     compile: bool = False
     device: str = "auto"
     threads: int = 0                           # CPU threads per process (0: PyTorch's default)
@@ -184,6 +187,11 @@ def _validate(c: TrainConfig) -> None:
         (c.num_classes is None or c.num_classes >= 1, f"num_classes must be >= 1, got {c.num_classes}"),
         (c.workers >= 0, f"workers must be >= 0, got {c.workers}"),
         (0 < c.eval_crop_pct <= 1, f"eval_crop_pct must be in (0, 1], got {c.eval_crop_pct}"),
+        (0 <= c.randaugment_magnitude <= 10, f"randaugment_magnitude must be in [0, 10], got {c.randaugment_magnitude}"),
+        (c.randaugment_ops >= 1, f"randaugment_ops must be >= 1, got {c.randaugment_ops}"),
+        (c.randaugment_mstd >= 0, f"randaugment_mstd must be >= 0, got {c.randaugment_mstd}"),
+        (c.color_jitter >= 0, f"color_jitter must be >= 0, got {c.color_jitter}"),
+        (0 <= c.random_erasing <= 1, f"random_erasing must be in [0, 1], got {c.random_erasing}"),
     ]
     for ok, message in checks:
         if not ok:

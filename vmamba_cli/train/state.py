@@ -44,18 +44,20 @@ class RunProgress:
     batches_done: int = 0          # micro-batches of the current epoch already trained
     global_step: int = 0           # optimizer steps since the start
     best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
+    best_ema: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})  # by the EMA's top-1
     totals: EpochTotals = field(default_factory=EpochTotals)
 
     def to_state(self, world_size: int) -> dict[str, Any]:
         return {"position": {"epoch": self.epoch, "batches_done": self.batches_done,
                              "global_step": self.global_step, "world_size": world_size},
-                "best": dict(self.best), "accumulators": asdict(self.totals)}
+                "best": dict(self.best), "best_ema": dict(self.best_ema), "accumulators": asdict(self.totals)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "RunProgress":
         pos = state["position"]
+        best_ema = dict(state.get("best_ema") or {"top1": -1.0, "epoch": 0})  # absent in older state files
         return cls(int(pos["epoch"]), int(pos["batches_done"]), int(pos["global_step"]), dict(state["best"]),
-                   EpochTotals(**state["accumulators"]))
+                   best_ema, EpochTotals(**state["accumulators"]))
 
 
 # -- RNG states (JSON-serialisable, so they travel in the state file's metadata) -------------------
@@ -163,11 +165,22 @@ def find_state(path: str | os.PathLike) -> Path:
     return candidate
 
 
+# Settings added after a state file may have been written, with the value that means what the run
+# did then (no colour jitter, no magnitude noise), not today's default.
+_ABSENT_MEANS = {"color_jitter": 0.0, "randaugment_mstd": 0.0}
+
+
+def saved_config(state: dict[str, Any]) -> TrainConfig:
+    """The settings a state file was written with."""
+    values = {**_ABSENT_MEANS, **state["config"]}
+    return apply_overrides(TrainConfig(), values)
+
+
 def config_for_resume(resume: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The saved settings of a run, with the ``overrides`` that may change when continuing it."""
     state_path = find_state(resume)
     state = read_state(state_path)
-    config = apply_overrides(TrainConfig(), state["config"])
+    config = saved_config(state)
     overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     forbidden = sorted(k for k, v in overrides.items()
                        if k not in RESUME_CHANGEABLE and getattr(config, k, object()) != v)
@@ -186,7 +199,7 @@ def load_resumable_state(run_dir: Path, config: TrainConfig, auto_resume: bool) 
     if not auto_resume:
         raise ResumeError(f"{run_dir} already holds a run ({STATE_FILE}); resume it or choose another output")
     state = read_state(state_path)
-    saved = apply_overrides(TrainConfig(), state["config"])
+    saved = saved_config(state)
     current = config.to_dict()
     diffs = [f"{k}: {v!r} -> {current[k]!r}" for k, v in saved.to_dict().items()
              if k not in RESUME_CHANGEABLE and current.get(k) != v]
