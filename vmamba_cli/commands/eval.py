@@ -10,9 +10,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from vmamba_cli.commands._common import console, fail, print_json, user_errors
+from vmamba_cli.commands._common import MAX_PIXELS_HELP, console, fail, print_json, user_errors
+from vmamba_cli.data import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
 from vmamba_cli.errors import EXIT_ERROR
-from vmamba_cli.runtime import AMP_HELP
+from vmamba_cli.runtime import AMP_HELP, MAX_RESOLUTION, MIN_RESOLUTION
 
 MAX_FAILURES_SHOWN = 20
 
@@ -62,18 +63,20 @@ def register(app: typer.Typer) -> None:
         weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Checkpoint: official .pth, our "
                                               ".safetensors, or a registered weights name / URL."),
         ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of an official checkpoint."),
-        resolution: Optional[int] = typer.Option(None, "--resolution", "-r",
+        resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=MIN_RESOLUTION, max=MAX_RESOLUTION,
                                                  help="Center-crop size in pixels (default: the size a `vmamba "
                                                       "train` checkpoint records, else 224)."),
         crop_pct: Optional[float] = typer.Option(None, "--crop-pct",
                                                  help="Resize the short side to resolution/crop_pct, then crop "
                                                       "(default: the checkpoint's, else 0.875)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch (per process)."),
-        workers: Optional[int] = typer.Option(None, "--workers", "-j", help="DataLoader worker processes "
+        batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per batch (per process)."),
+        workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="DataLoader worker processes "
                                               "(default: min(4, CPUs per process - 1))."),
         amp: str = typer.Option("auto", "--amp", help=AMP_HELP),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N images."),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N images."),
+        max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, max=MAX_PIXELS_CEILING,
+                                       help=MAX_PIXELS_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON document on stdout."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON results to FILE."),
         predictions: Optional[Path] = typer.Option(None, "--predictions", help="Write a per-image CSV "
@@ -86,8 +89,11 @@ def register(app: typer.Typer) -> None:
         """
         from vmamba_cli.errors import VMambaError
         from vmamba_cli.evaluate import evaluate
-        from vmamba_cli.runtime import process_group
+        from vmamba_cli.runtime import check_output_file, process_group
 
+        for path in (output, predictions):  # before the work, not after it
+            if path is not None:
+                check_output_file(path)
         with contextlib.ExitStack() as stack:
             with user_errors():
                 dist = stack.enter_context(process_group(device))  # torchrun: join its group
@@ -96,6 +102,7 @@ def register(app: typer.Typer) -> None:
                     data_dir, model, weights, ema=ema, resolution=resolution, crop_pct=crop_pct,
                     device=device, batch_size=batch_size, workers=workers, amp=amp,
                     limit=limit, predictions=predictions is not None, progress=sys.stderr.isatty(),
+                    max_pixels=max_pixels,
                 )
             except VMambaError:
                 raise  # reported once by the CLI (vmamba_cli/cli.py), from rank 0 only

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from vmamba_cli.data import IMAGENET_MEAN, IMAGENET_STD, find_images, load_image
+from vmamba_cli.data import IMAGENET_MEAN, IMAGENET_STD, class_subfolders, find_images, load_image
 from vmamba_cli.errors import DataError, ImageError
 
 DIGITS = "digits"
@@ -95,7 +95,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 def _class_folder_samples(root: Path, class_names: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [root / name for name in class_subfolders(root)]
     if class_names is None:
         class_names = [p.name for p in folders]
     index = {name: i for i, name in enumerate(class_names)}
