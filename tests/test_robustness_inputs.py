@@ -8,6 +8,7 @@ Every command that could hang on the old code runs in a subprocess with a timeou
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and sym
 SMALL = VMambaConfig(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_classes=3)
 CLASSES = ("ant", "bee", "cat")
 TIMEOUT_S = 120  # a hang fails the test instead of stalling the suite
+MEMORY_HEADROOM = 3 << 30
 runner = CliRunner()
 
 
@@ -117,6 +119,23 @@ def weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "small.safetensors"
     save_model(path, VSSM(SMALL), class_names=list(CLASSES))
     return path
+
+
+@contextlib.contextmanager
+def memory_headroom(extra: int = MEMORY_HEADROOM):
+    """At most ``extra`` more bytes of heap for this process while inside: a command that should refuse
+    a huge size before allocating ends in MemoryError if it does not, instead of taking the machine's
+    memory. The soft limit is put back on exit."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (used + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def run_cli(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -277,12 +296,15 @@ QUICK_ERF = ["erf", "--noise", "-n", "1", "--resolution", "32", "--device", "cpu
 QUICK_TRAIN = ["train", "--data", "digits", "--epochs", "1", "--subset", "64", "--image-size", "16", "--no-progress",
                "--set", "model_config.dims=[8,16,24,32]", "--set", "model_config.depths=[1,1,1,1]"]
 
-USAGE_ERRORS = {  # exit 2: range checks of the command line
+HUGE_SIZES = {  # exit 2 before anything is allocated (run under memory_headroom)
     "predict --resolution 100000": ["predict", "{image}", "-w", "{weights}", "--resolution", "100000"],
+    "eval --resolution 100000": ["eval", "{root}", "-w", "{weights}", "--resolution", "100000", "-j", "0"],
+    "train --image-size 100000": [*QUICK_TRAIN, "--image-size", "100000", "--output", "{tmp}/huge"],
+}
+
+USAGE_ERRORS = {  # exit 2: range checks of the command line
     "predict --max-pixels 0": ["predict", "{image}", "-w", "{weights}", "--max-pixels", "0"],
     "eval --resolution 7": ["eval", "{root}", "-w", "{weights}", "--resolution", "7", "-j", "0"],
-    "eval --resolution 100000": ["eval", "{root}", "-w", "{weights}", "--resolution", "100000"],
-    "train --image-size 100000": ["train", "--data", "digits", "--image-size", "100000"],
     "train --subset 0": [*QUICK_TRAIN, "--subset", "0", "--output", "{tmp}/subset0"],
     "train --subset -1": [*QUICK_TRAIN, "--subset", "-1", "--output", "{tmp}/subset-1"],
     "train --threads -1": [*QUICK_TRAIN, "--threads", "-1", "--output", "{tmp}/threads"],
@@ -321,6 +343,16 @@ def test_out_of_range_options_are_usage_errors(case, clean, weights, tmp_path):
     assert "Traceback" not in result.output and result.stdout == ""
 
 
+@pytest.mark.parametrize("case", list(HUGE_SIZES))
+def test_huge_input_sizes_are_refused_before_allocating(case, clean, weights, tmp_path):
+    args = _fill(HUGE_SIZES[case], image=str(clean / CLASSES[0] / "0.png"), root=str(clean), weights=str(weights),
+                 tmp=str(tmp_path))
+    with memory_headroom():
+        result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "4096" in result.stderr
+
+
 @pytest.mark.parametrize("case", list(ONE_LINE_ERRORS))
 def test_bad_devices_and_output_places_are_one_line_before_work(case, clean, weights, tmp_path):
     (tmp_path / "plain.txt").write_text("x")
@@ -330,6 +362,20 @@ def test_bad_devices_and_output_places_are_one_line_before_work(case, clean, wei
     lines = error_lines(result.stderr)
     assert result.exit_code == 1 and len(lines) == 1 and message.format(**values) in lines[0], result.output
     assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_convert_checks_its_destination_and_weights_list_a_corrupt_hash_record(weights, tmp_path, monkeypatch):
+    result = runner.invoke(app, ["convert", str(weights), "/proc/vmamba.safetensors"])
+    lines = error_lines(result.stderr)
+    assert result.exit_code == 1 and lines == ["error: /proc/vmamba.safetensors: cannot write in /proc "
+                                               "(No such file or directory)"], result.output
+    monkeypatch.setenv("VMAMBA_HOME", str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "sha256.json").write_text('{"vssm": {"sha256": ')
+    result = runner.invoke(app, ["weights", "list"])
+    lines = error_lines(result.stderr)
+    assert result.exit_code == 1 and len(lines) == 1 and "sha256.json: unreadable hash record" in lines[0]
+    assert "Traceback" not in result.output
 
 
 def test_a_forward_that_cannot_fit_in_memory_is_refused_before_it_runs(clean, weights, monkeypatch, tmp_path):
