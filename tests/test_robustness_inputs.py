@@ -392,6 +392,19 @@ def test_a_forward_that_cannot_fit_in_memory_is_refused_before_it_runs(clean, we
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_training_image_read_in_a_worker_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    for i, name in enumerate(CLASSES[:2]):
+        (data / name).mkdir(parents=True)
+        for j in range(8):
+            _good(data / name / f"{j}.png", 20 * j + 100 * i)
+    os.mkfifo(data / CLASSES[0] / "pipe.png")
+    result = run_cli(*QUICK_TRAIN, "--data", str(data), "--output", str(tmp_path / "run"), "--workers", "2",
+                     "--batch-size", "4", "--set", "mixup=0", "--set", "cutmix=0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert error_lines(result.stderr) == [f"error: {data / CLASSES[0] / 'pipe.png'}: not a regular file (named pipe)"]
+
+
 # -- training leftovers ----------------------------------------------------------------------------
 
 TINY = {"model_config": {"dims": [16, 32, 64], "depths": [1, 1, 1], "drop_path_rate": 0.0}, "image_size": 16,

@@ -52,6 +52,19 @@ class TensorImageDataset(Dataset):
         return image, int(self.labels[index])
 
 
+class ImageReadError(DataError):
+    """A training image that cannot be read. Raised in a DataLoader worker, it reaches the main process
+    re-created by torch as ``ImageReadError(text)`` where the text holds the worker's whole traceback;
+    the constructor keeps the original one-line message (the traceback's last line)."""
+
+    def __init__(self, message: str):
+        lines = [line for line in str(message).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].startswith("Caught "):
+            last = lines[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
 class ImageFileDataset(Dataset):
     """(path, label) pairs read with ``vmamba_cli.data.load_image`` (EXIF, gray, RGBA ... handled)."""
 
@@ -66,7 +79,7 @@ class ImageFileDataset(Dataset):
         try:
             image = load_image(path)
         except ImageError as exc:
-            raise DataError(str(exc)) from None
+            raise ImageReadError(str(exc)) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, label
