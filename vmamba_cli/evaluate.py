@@ -15,7 +15,6 @@ dataset size. Images that cannot be read are counted and listed as failures, nev
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -28,11 +27,13 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from vmamba_cli.data import IMAGE_EXTENSIONS, Preprocess, eval_transform, find_images, load_image
+from vmamba_cli import jsonout
+from vmamba_cli.data import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Preprocess, class_subfolders, eval_transform,
+                             find_images, load_image)
 from vmamba_cli.errors import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EXIT_USAGE, DataError, ImageError,  # noqa: F401
                                InputError)
 from vmamba_cli.metrics import TOPK, TopKAccumulator
-from vmamba_cli.runtime import Dist, amp_name, autocast, process_group, resolve_amp
+from vmamba_cli.runtime import Dist, amp_name, autocast, check_memory, check_resolution, process_group, resolve_amp
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 
@@ -69,7 +70,7 @@ def class_folders(data_dir: str | os.PathLike) -> list[str]:
         raise DataError(f"{root}: no such folder")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected one sub-folder per class)")
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = class_subfolders(root)
     if not folders:
         raise DataError(f"{root}: no class sub-folders (expected one sub-folder per class)")
     return folders
@@ -139,10 +140,12 @@ class EvalImageDataset(torch.utils.data.Dataset):
     """(path, target) samples -> preprocessed tensors; an unreadable file yields a failure marker
     instead of raising, so that one bad JPEG does not kill the DataLoader or the run."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform, indices: Sequence[int] | None = None):
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, indices: Sequence[int] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.samples = samples
         self.transform = transform
         self.indices = list(range(len(samples))) if indices is None else list(indices)
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -151,7 +154,7 @@ class EvalImageDataset(torch.utils.data.Dataset):
         index = self.indices[i]
         path, target = self.samples[index]
         try:
-            image = self.transform(load_image(path))
+            image = self.transform(load_image(path, max_pixels=self.max_pixels))
         except ImageError as exc:
             return EvalSample(index, target, None, exc.problem)
         except Exception as exc:  # a decoder or transform error on one file must not stop the run
@@ -260,7 +263,7 @@ class EvalResult:
     def save_json(self, path: str | os.PathLike) -> Path:
         from vmamba_cli.weights import atomic_write
 
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        text = jsonout.dumps(self.to_dict()) + "\n"
         return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     def save_predictions(self, path: str | os.PathLike) -> Path:
@@ -295,6 +298,21 @@ class EvalResult:
 
 # -- evaluation ----------------------------------------------------------------------------------------
 
+def _check_arguments(resolutions, *, batch_size: int, crop_pct: float | None, limit: int | None,
+                     max_pixels: int) -> None:
+    """Refuse bad evaluation arguments before a process group, a model or a data loader exists."""
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    for resolution in resolutions:
+        check_resolution(resolution)
+    if max_pixels < 1:
+        raise InputError(f"max_pixels must be at least 1, got {max_pixels}")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, got {limit}")
+
+
 def evaluate(
     data_dir: str | os.PathLike,
     model: str | torch.nn.Module | None = None,
@@ -312,6 +330,7 @@ def evaluate(
     predictions: bool = False,
     progress: bool = False,
     distributed: bool | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> EvalResult:
     """Evaluate a classifier on an image folder (one sub-folder per class).
 
@@ -321,22 +340,15 @@ def evaluate(
     checkpoint records (e.g. the input size a model was trained at), else the registered model's. ``amp`` is an ``--amp`` value (``vmamba_cli.runtime.resolve_amp``).
     ``distributed=None`` joins a torch.distributed group when launched by torchrun (``WORLD_SIZE`` > 1):
     gloo on CPU, nccl on CUDA. Every process returns the same totals; ``result.is_main_process`` says
-    which one should print and write files. ``limit`` keeps the first N images (folder order).
+    which one should print and write files. ``limit`` keeps the first N images (folder order). Images
+    whose header claims more than ``max_pixels`` pixels are failures, never decoded.
     """
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
-    if resolution is not None and resolution < 1:
-        raise InputError(f"resolution must be positive, got {resolution}")
-    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
-        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be at least 1, got {limit}")
-
+    _check_arguments([resolution], batch_size=batch_size, crop_pct=crop_pct, limit=limit, max_pixels=max_pixels)
     with process_group(device, distributed=distributed) as dist:
         return _evaluate(data_dir, _load(model, weights, ema, class_names), ema=ema, resolution=resolution,
                          crop_pct=crop_pct, dist=dist, batch_size=batch_size, workers=workers,
                          amp_dtype=resolve_amp(amp, dist.device), limit=limit, predictions=predictions,
-                         progress=progress)
+                         progress=progress, max_pixels=max_pixels)
 
 
 class _Loaded(NamedTuple):
@@ -359,7 +371,7 @@ def _load(model, weights, ema: bool, class_names) -> _Loaded:
 
 
 def _evaluate(data_dir, loaded: _Loaded, *, ema, resolution, crop_pct, dist: Dist, batch_size, workers,
-              amp_dtype, limit, predictions, progress) -> EvalResult:
+              amp_dtype, limit, predictions, progress, max_pixels=DEFAULT_MAX_PIXELS) -> EvalResult:
     dev, rank, world_size = dist.device, dist.rank, dist.world_size
     net, model_name, source, names = loaded.net, loaded.name, loaded.source, loaded.class_names
     preset = loaded.preset.with_overrides(input_size=resolution, crop_pct=crop_pct)
@@ -367,10 +379,11 @@ def _evaluate(data_dir, loaded: _Loaded, *, ema, resolution, crop_pct, dist: Dis
     mapping = map_classes(data_dir, num_classes, names)
     scan = scan_image_folder(data_dir, mapping)
     samples = scan.samples[:limit] if limit else scan.samples
+    _check_memory(net, preset.input_size, max(1, min(batch_size, -(-len(samples) // world_size))), dev)
 
     # Shard by stride, without padding: each image lands on exactly one process.
     dataset = EvalImageDataset(samples, eval_transform(preset),
-                               indices=range(rank, len(samples), world_size))
+                               indices=range(rank, len(samples), world_size), max_pixels=max_pixels)
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // world_size - 1))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -475,6 +488,7 @@ def evaluate_resolutions(
     limit: int | None = None,
     progress: bool = False,
     distributed: bool | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ResolutionSweep:
     """:func:`evaluate` at each of ``resolutions`` with the model built and its weights loaded once
     (None in ``resolutions``: the model's own size, as :func:`evaluate` without a resolution).
@@ -487,22 +501,14 @@ def evaluate_resolutions(
     resolutions = [None if r is None else int(r) for r in resolutions]
     if not resolutions:
         raise InputError("give at least one resolution")
-    bad = [r for r in resolutions if r is not None and r < 1]
-    if bad:
-        raise InputError(f"resolution must be positive, got {bad[0]}")
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
-    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
-        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be at least 1, got {limit}")
+    _check_arguments(resolutions, batch_size=batch_size, crop_pct=crop_pct, limit=limit, max_pixels=max_pixels)
 
     with process_group(device, distributed=distributed) as dist:
         loaded = _load(model, weights, ema, class_names)
         amp_dtype = resolve_amp(amp, dist.device)
         results = [_evaluate(data_dir, loaded, ema=ema, resolution=r, crop_pct=crop_pct, dist=dist,
                              batch_size=batch_size, workers=workers, amp_dtype=amp_dtype, limit=limit,
-                             predictions=False, progress=progress) for r in resolutions]
+                             predictions=False, progress=progress, max_pixels=max_pixels) for r in resolutions]
     if label is None:
         label = Path(str(loaded.source)).stem if loaded.source else loaded.name
     return ResolutionSweep(label, results, loaded.preset.input_size)
@@ -564,6 +570,15 @@ def plot_accuracy_vs_resolution(sweeps: Sequence[ResolutionSweep], path: str | o
 
 def _json_number(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None  # JSON has no NaN
+
+
+def _check_memory(net: torch.nn.Module, resolution: int, batch_size: int, device: torch.device) -> None:
+    """Refuse a batch whose activations cannot fit (vmamba_cli.runtime.check_memory); models without
+    a VMamba config are estimated with the stem width of vmamba-tiny's patch embedding (96 at 1/4)."""
+    config = getattr(net, "config", None)
+    dims = getattr(config, "dims", None)
+    check_memory(resolution, batch_size, int(dims[0]) if dims else 96, device,
+                 patch_size=int(getattr(config, "patch_size", 4) or 4))
 
 
 def _num_classes(net: torch.nn.Module) -> int:

@@ -11,6 +11,7 @@ from vmamba_cli.commands._common import console, fail, print_json, resolve_devic
 from vmamba_cli.erf import (AREA_THRESHOLDS, DEFAULT_NUM_IMAGES, DEFAULT_RESOLUTION, NORM_LABELS, NORMS,
                             InputSource, PanelResult, compute_panels, erf_report, folder_source, panel_specs,
                             render_erf, save_erf_maps)
+from vmamba_cli.runtime import check_output_file
 
 
 def _split(values: Optional[List[str]]) -> list[str]:
@@ -89,6 +90,9 @@ def register(app: typer.Typer) -> None:
         if norm not in NORMS:
             raise fail(f"--norm must be one of {', '.join(NORMS)}, not {norm!r}")
         dev = resolve_device(device)
+        for path in (out, save_map):  # before the work, not after it
+            if path is not None:
+                check_output_file(path)
         errors: list[str] = []
 
         def report_error(message: str) -> None:

@@ -10,9 +10,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from vmamba_cli.commands._common import console, fail, print_json, user_errors
+from vmamba_cli.commands._common import MAX_PIXELS_HELP, console, fail, print_json, user_errors
+from vmamba_cli.data import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
 from vmamba_cli.errors import EXIT_ERROR
-from vmamba_cli.runtime import AMP_HELP
+from vmamba_cli.runtime import AMP_HELP, MAX_RESOLUTION, MIN_RESOLUTION
 
 MAX_FAILURES_SHOWN = 20
 
@@ -92,6 +93,10 @@ def _split_positionals(data_dir: Path, extra: list[str], resolution: Optional[Li
     an integer and that exists stays the data folder."""
     tokens = [str(data_dir), *extra]
     numbers = [t for t in tokens if t.isdigit() and not Path(t).is_dir()] if resolution else []
+    for number in numbers:  # the bounds Typer applies to --resolution itself
+        if not MIN_RESOLUTION <= int(number) <= MAX_RESOLUTION:
+            raise typer.BadParameter(f"{number} is not in the range {MIN_RESOLUTION}<=x<={MAX_RESOLUTION}",
+                                     param_hint="'--resolution' / '-r'")
     others = [t for t in tokens if t not in numbers]
     if len(others) != 1:
         unexpected = others[1:] if others else []
@@ -124,7 +129,8 @@ def register(app: typer.Typer) -> None:
                                                     "Repeat to compare several models (one table row and "
                                                     "one plot line each)."),
         ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of an official checkpoint."),
-        resolution: Optional[List[int]] = typer.Option(None, "--resolution", "-r",
+        resolution: Optional[List[int]] = typer.Option(None, "--resolution", "-r", min=MIN_RESOLUTION,
+                                                       max=MAX_RESOLUTION,
                                                        help="Center-crop size in pixels; several sizes "
                                                             "(`-r 224 288 384`) evaluate each with the model "
                                                             "loaded once (default: the size a `vmamba train` "
@@ -133,11 +139,13 @@ def register(app: typer.Typer) -> None:
                                                  help="Resize the short side to resolution/crop_pct, then crop "
                                                       "(default: the checkpoint's, else 0.875)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per batch (per process)."),
-        workers: Optional[int] = typer.Option(None, "--workers", "-j", help="DataLoader worker processes "
+        batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per batch (per process)."),
+        workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="DataLoader worker processes "
                                               "(default: min(4, CPUs per process - 1))."),
         amp: str = typer.Option("auto", "--amp", help=AMP_HELP),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N images."),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N images."),
+        max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, max=MAX_PIXELS_CEILING,
+                                       help=MAX_PIXELS_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON document on stdout "
                                       "(`rows`: one entry per model and resolution)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON results to FILE."),
@@ -157,7 +165,7 @@ def register(app: typer.Typer) -> None:
         """
         from vmamba_cli.errors import VMambaError
         from vmamba_cli.evaluate import evaluate, evaluate_resolutions
-        from vmamba_cli.runtime import process_group
+        from vmamba_cli.runtime import check_output_file, process_group
 
         data_dir, resolutions = _split_positionals(data_dir, list(ctx.args), resolution)
         weights_list: list[Optional[str]] = list(weights or [None])
@@ -173,7 +181,9 @@ def register(app: typer.Typer) -> None:
         if sweep_mode and predictions is not None:
             raise typer.BadParameter("--predictions writes one model at one resolution; drop it, or evaluate "
                                      "one --weights at one --resolution")
-
+        for path in (output, predictions, plot):  # before the work, not after it
+            if path is not None:
+                check_output_file(path)
         with contextlib.ExitStack() as stack:
             with user_errors():
                 dist = stack.enter_context(process_group(device))  # torchrun: join its group
@@ -184,6 +194,7 @@ def register(app: typer.Typer) -> None:
                         resolution=resolutions[0] if resolutions else None, crop_pct=crop_pct,
                         device=device, batch_size=batch_size, workers=workers, amp=amp,
                         limit=limit, predictions=predictions is not None, progress=sys.stderr.isatty(),
+                        max_pixels=max_pixels,
                     )
                     sweeps = None
                 else:
@@ -191,7 +202,7 @@ def register(app: typer.Typer) -> None:
                     sweeps = [evaluate_resolutions(data_dir, m, w, resolutions=resolutions or [None], label=label,
                                                    ema=ema, crop_pct=crop_pct, device=device, batch_size=batch_size,
                                                    workers=workers, amp=amp, limit=limit,
-                                                   progress=sys.stderr.isatty())
+                                                   progress=sys.stderr.isatty(), max_pixels=max_pixels)
                               for m, w, label in zip(models, weights_list, _labels(weights_list, models))]
             except VMambaError:
                 raise  # reported once by the CLI (vmamba_cli/cli.py), from rank 0 only

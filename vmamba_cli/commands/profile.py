@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperCommand
 
 from vmamba_cli.commands._common import console, fail, print_json, resolve_device, user_errors
-from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP, resolve_amp
+from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP, check_output_file, resolve_amp
 
 # Options that take several values; `--resolution 224 512` is read as `--resolution 224 --resolution 512`.
 _MULTI_VALUE_OPTIONS = ("--model", "-m", "--resolution", "-r", "--compare")
@@ -180,10 +180,10 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         amp: str = typer.Option("none", "--amp", help=AMP_HELP + " Default: none (float32, the paper's "
                                                                  "throughput protocol, docs/design.md §7)."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch.set_num_threads for CPU runs."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch.set_num_threads for CPU runs."),
         channels_last: bool = typer.Option(False, "--channels-last", help="channels_last model and input."),
-        warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed runs first (default 2 CPU, 10 CUDA)."),
-        iters: Optional[int] = typer.Option(None, "--iters", help="Timed runs, median reported (default 5 CPU, 30 CUDA)."),
+        warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Untimed runs first (default 2 CPU, 10 CUDA)."),
+        iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Timed runs, median reported (default 5 CPU, 30 CUDA)."),
         scan_bandwidth: bool = typer.Option(True, "--scan-bandwidth/--no-scan-bandwidth",
                                             help="Time the scan calls of one forward and report GB/s."),
         bandwidth_gbs: Optional[float] = typer.Option(None, "--bandwidth-gbs",
@@ -202,6 +202,9 @@ def register(app: typer.Typer) -> None:
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise fail(f"--device must be auto, cpu or cuda, got {device!r}")
         dev = resolve_device(device)
+        for path in (csv_path, plot):  # before the work, not after it
+            if path is not None:
+                check_output_file(path)
         amp_dtype = resolve_amp(amp, dev)
         dtype = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"  # profile()'s names
         if threads:

@@ -72,8 +72,10 @@ def convert_command(
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Convert an official checkpoint to a safetensors file that carries its model config."""
+    from vmamba_cli.runtime import check_output_file
     from vmamba_cli.weights import convert_checkpoint
 
+    check_output_file(destination)  # before the checkpoint is read
     result = convert_checkpoint(source, destination, model=model, ema=ema)
     if json_out:
         print_json(result.to_dict())

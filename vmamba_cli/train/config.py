@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vmamba_cli.runtime import AMP_CHOICES
+from vmamba_cli.runtime import AMP_CHOICES, MAX_RESOLUTION
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,6 +22,9 @@ else:  # the same parser, published as tomli before it joined the standard libra
     import tomli as tomllib
 
 PRESETS = ("imagenet", "digits")
+# Training accepts smaller inputs than predict / eval (runtime.MIN_RESOLUTION): the tests and the
+# digits quick start train at 16-32 pixels, where the last stages work on 1x1 maps.
+MIN_IMAGE_SIZE = 8
 
 
 @dataclass
@@ -180,7 +183,10 @@ def _validate(c: TrainConfig) -> None:
         (c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}"),
         (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),
         (c.accum_steps >= 1, f"accum_steps must be >= 1, got {c.accum_steps}"),
-        (c.image_size >= 8, f"image_size must be >= 8, got {c.image_size}"),
+        (MIN_IMAGE_SIZE <= c.image_size <= MAX_RESOLUTION,
+         f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_RESOLUTION}, got {c.image_size}"),
+        (c.subset >= 0, f"subset must be >= 0 (0: all images), got {c.subset}"),
+        (c.threads >= 0, f"threads must be >= 0 (0: PyTorch's default), got {c.threads}"),
         (c.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {c.warmup_epochs}"),
         (c.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got {c.amp!r}"),
         (0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from vmamba_cli.data import IMAGENET_MEAN, IMAGENET_STD, find_images, load_image
+from vmamba_cli.data import IMAGENET_MEAN, IMAGENET_STD, class_subfolders, find_images, load_image
 from vmamba_cli.errors import DataError, ImageError
 
 DIGITS = "digits"
@@ -51,6 +51,19 @@ class TensorImageDataset(Dataset):
         return image, int(self.labels[index])
 
 
+class ImageReadError(DataError):
+    """A training image that cannot be read. Raised in a DataLoader worker, it reaches the main process
+    re-created by torch as ``ImageReadError(text)`` where the text holds the worker's whole traceback;
+    the constructor keeps the original one-line message (the traceback's last line)."""
+
+    def __init__(self, message: str):
+        lines = [line for line in str(message).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].startswith("Caught "):
+            last = lines[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
 class ImageFileDataset(Dataset):
     """(path, label) pairs read with ``vmamba_cli.data.load_image`` (EXIF, gray, RGBA ... handled)."""
 
@@ -65,7 +78,7 @@ class ImageFileDataset(Dataset):
         try:
             image = load_image(path)
         except ImageError as exc:
-            raise DataError(str(exc)) from None
+            raise ImageReadError(str(exc)) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -114,7 +127,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 def _class_folder_samples(root: Path, class_names: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [root / name for name in class_subfolders(root)]
     if class_names is None:
         class_names = [p.name for p in folders]
     index = {name: i for i, name in enumerate(class_names)}

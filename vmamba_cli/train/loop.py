@@ -35,7 +35,7 @@ import torch.nn as nn
 from vmamba_cli.data import Preprocess, eval_transform
 from vmamba_cli.errors import TrainingDiverged
 from vmamba_cli.metrics import TopKAccumulator
-from vmamba_cli.runtime import Dist, autocast, process_group, resolve_amp
+from vmamba_cli.runtime import Dist, autocast, check_memory, check_output_dir, process_group, resolve_amp
 from vmamba_cli.train import artifacts
 from vmamba_cli.train.architecture import build_model, model_label
 from vmamba_cli.train.config import TrainConfig
@@ -108,7 +108,10 @@ class Trainer:
         self.show_progress = progress and dist.is_main
         self.device = dist.device
         self.run_dir = output_dir(config)
+        if dist.is_main:
+            check_output_dir(self.run_dir)  # before the data is read or a model built
         resume_state = load_resumable_state(self.run_dir, config, auto_resume)
+        self.resumed = resume_state is not None
 
         self.data = build_datasets(
             c.data, c.image_size,
@@ -136,6 +139,8 @@ class Trainer:
         model, self.model_name = build_model(c, self.num_classes, resume_state["arch"] if resume_state else None)
         if resume_state is not None:
             self.model_name = resume_state.get("model_name", self.model_name)
+        check_memory(c.image_size, c.batch_size, int(model.config.dims[0]), self.device,
+                     patch_size=model.config.patch_size, training=True, options="--image-size or --batch-size")
         self.model = model.to(self.device)
         if dist.rank:
             seed_everything(c.seed + dist.rank)
@@ -233,6 +238,10 @@ class Trainer:
         c, p = self.config, self.progress
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for path in artifacts.remove_stale_temp_files(self.run_dir):
+                self.log(f"removed {path.name}, left by an interrupted write")
+            if not self.resumed:
+                artifacts.start_metrics(self.run_dir)
             artifacts.write_json(self.run_dir / "config.json", self._resolved())
         if p.epoch >= c.epochs:
             self.log(f"{self.run_dir}: all {c.epochs} epochs are done (raise --epochs to continue)")

@@ -23,6 +23,8 @@ from vmamba_cli.train.config import RESUME_CHANGEABLE, TrainConfig, apply_overri
 
 STATE_FILE = "last.state.safetensors"
 STATE_FORMAT = "vmamba-train-state"
+# What resuming reads from a state file (RunCheckpoints._save_state writes these and more).
+STATE_KEYS = ("config", "arch", "position", "best", "accumulators", "model", "optimizer", "schedule", "rng")
 
 
 # -- position in the run -------------------------------------------------------------------------
@@ -151,8 +153,17 @@ def read_state(path: Path) -> dict[str, Any]:
         raise ResumeError(f"{path}: not a readable training state ({' '.join(str(exc).split())[:160]})") from None
     if metadata.get("format") != STATE_FORMAT or "state" not in metadata:
         raise ResumeError(f"{path}: not a vmamba training state file")
-    skeleton = json.loads(metadata["state"])
-    return {name: _join_tensors(value, tensors) for name, value in skeleton.items()}
+    try:
+        skeleton = json.loads(metadata["state"])
+    except ValueError as exc:
+        raise ResumeError(f"{path}: corrupt JSON in training state: {exc}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(skeleton, dict) or k not in skeleton]
+    if missing:
+        raise ResumeError(f"{path}: incomplete training state (no {', '.join(missing)})")
+    try:
+        return {name: _join_tensors(value, tensors) for name, value in skeleton.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResumeError(f"{path}: inconsistent training state ({type(exc).__name__}: {exc})") from None
 
 
 def find_state(path: str | os.PathLike) -> Path:
