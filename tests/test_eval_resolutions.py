@@ -132,7 +132,9 @@ def test_bad_combinations_are_usage_errors(digits, tmp_path):
     r = _cli(str(data), "-w", str(first), "stray")
     assert r.exit_code == EXIT_USAGE and "stray" in r.output
     r = _cli(str(data), "-w", str(first), "-r", "0", "32")
-    assert r.exit_code != EXIT_OK and "resolution must be positive" in r.output
+    assert r.exit_code == EXIT_USAGE and "Invalid value" in r.output
+    r = _cli(str(data), "-w", str(first), "-r", "32", "5")  # a size among the positionals is checked too
+    assert r.exit_code == EXIT_USAGE and "Invalid value" in r.output
 
 
 def test_two_processes_give_exactly_the_one_process_rows(digits, tmp_path):

@@ -27,10 +27,12 @@ from vmamba_cli.errors import InputError, PathError
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-# Input sizes: the model halves the resolution five times (patch 4, then three downsamplings), so
-# below 32 pixels its last stage has no pixel. At MAX_RESOLUTION one vmamba-tiny image already needs
+# Input sizes: the model divides the resolution by 32 (patch 4, then three downsamplings), and its
+# padded convolutions keep at least one pixel per stage, so it runs at any size; below 8 pixels the
+# patch embedding sees less than a 2x2 grid, and that is the floor predict, eval and train share (the
+# digits model is trained at 32 and evaluated at 24-96, see docs/eval.md). At MAX_RESOLUTION one vmamba-tiny image already needs
 # about 9 GiB of activations (activation_bytes); larger sizes are refused before anything is built.
-MIN_RESOLUTION = 32
+MIN_RESOLUTION = 8
 MAX_RESOLUTION = 4096
 ACTIVATION_FACTOR = 24
 TRAINING_FACTOR = 4

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vmamba_cli.runtime import AMP_CHOICES, MAX_RESOLUTION
+from vmamba_cli.runtime import AMP_CHOICES, MAX_RESOLUTION, MIN_RESOLUTION
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,9 +22,9 @@ else:  # the same parser, published as tomli before it joined the standard libra
     import tomli as tomllib
 
 PRESETS = ("imagenet", "digits")
-# Training accepts smaller inputs than predict / eval (runtime.MIN_RESOLUTION): the tests and the
-# digits quick start train at 16-32 pixels, where the last stages work on 1x1 maps.
-MIN_IMAGE_SIZE = 8
+# The same floor as predict / eval: the tests and the digits quick start train at 16-32 pixels, where
+# the last stages work on 1x1 maps.
+MIN_IMAGE_SIZE = MIN_RESOLUTION
 
 
 @dataclass
