@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from vmamba_cli.cli import app
 from vmamba_cli.model import VMambaConfig, VSSM
 from vmamba_cli.weights import CheckpointError, DownloadError, load_model, read_state_dict, save_model
 from vmamba_cli.weights import download as download_module
@@ -97,8 +98,6 @@ def _in_child(target, *args, timeout: float = 60.0):
 
 def _cli(args):
     """Run the CLI in-process; return (exit code, stderr lines). A traceback fails the test."""
-    from vmamba_cli.cli import app
-
     result = CliRunner().invoke(app, [str(a) for a in args])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(f"the command raised {result.exception!r}") from result.exception
@@ -357,6 +356,12 @@ def test_inf_head_is_refused_through_predict(tmp_path, small_model):
     Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
     line = _assert_cli_one_line(["predict", "--weights", path, "--device", "cpu", "--resolution", "32", image], path)
     assert "1 tensor holds NaN/Inf, first: classifier.head.weight" in line
+    # The option the message names loads them anyway; the infinite logits then fail that image, not the run.
+    result = CliRunner().invoke(app, ["predict", "--weights", str(path), "--device", "cpu", "--resolution", "32",
+                                      "--allow-non-finite", "--json", str(image)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    document = json.loads(result.stdout)
+    assert document["predictions"] == [] and [f["path"] for f in document["failures"]] == [str(image)]
 
 
 def test_nan_in_official_pth_is_refused(tmp_path, small_model):

@@ -331,6 +331,7 @@ def evaluate(
     progress: bool = False,
     distributed: bool | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_non_finite: bool = False,
 ) -> EvalResult:
     """Evaluate a classifier on an image folder (one sub-folder per class).
 
@@ -345,7 +346,7 @@ def evaluate(
     """
     _check_arguments([resolution], batch_size=batch_size, crop_pct=crop_pct, limit=limit, max_pixels=max_pixels)
     with process_group(device, distributed=distributed) as dist:
-        return _evaluate(data_dir, _load(model, weights, ema, class_names), ema=ema, resolution=resolution,
+        return _evaluate(data_dir, _load(model, weights, ema, class_names, allow_non_finite), ema=ema, resolution=resolution,
                          crop_pct=crop_pct, dist=dist, batch_size=batch_size, workers=workers,
                          amp_dtype=resolve_amp(amp, dist.device), limit=limit, predictions=predictions,
                          progress=progress, max_pixels=max_pixels)
@@ -359,13 +360,13 @@ class _Loaded(NamedTuple):
     class_names: list[str] | None
 
 
-def _load(model, weights, ema: bool, class_names) -> _Loaded:
+def _load(model, weights, ema: bool, class_names, allow_non_finite: bool = False) -> _Loaded:
     if isinstance(model, torch.nn.Module):
         names = list(class_names) if class_names is not None else None
         return _Loaded(model, type(model).__name__, None, Preprocess(), names)
     from vmamba_cli.weights import load_model
 
-    loaded = load_model(model, weights, ema=ema)
+    loaded = load_model(model, weights, ema=ema, allow_non_finite=allow_non_finite)
     names = list(class_names) if class_names is not None else loaded.class_names
     return _Loaded(loaded.model, loaded.name, loaded.source, loaded.preprocess, names)
 
@@ -489,6 +490,7 @@ def evaluate_resolutions(
     progress: bool = False,
     distributed: bool | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_non_finite: bool = False,
 ) -> ResolutionSweep:
     """:func:`evaluate` at each of ``resolutions`` with the model built and its weights loaded once
     (None in ``resolutions``: the model's own size, as :func:`evaluate` without a resolution).
@@ -504,7 +506,7 @@ def evaluate_resolutions(
     _check_arguments(resolutions, batch_size=batch_size, crop_pct=crop_pct, limit=limit, max_pixels=max_pixels)
 
     with process_group(device, distributed=distributed) as dist:
-        loaded = _load(model, weights, ema, class_names)
+        loaded = _load(model, weights, ema, class_names, allow_non_finite)
         amp_dtype = resolve_amp(amp, dist.device)
         results = [_evaluate(data_dir, loaded, ema=ema, resolution=r, crop_pct=crop_pct, dist=dist,
                              batch_size=batch_size, workers=workers, amp_dtype=amp_dtype, limit=limit,

@@ -105,7 +105,8 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
             resolution: int | None = None, crop_pct: float | None = None, amp: str = DEFAULT_AMP,
             ema: bool = False,
             labels: str | os.PathLike | Sequence[str] | None = None, progress: bool = False,
-            workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> PredictReport:
+            workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+            allow_non_finite: bool = False) -> PredictReport:
     """Top-``topk`` classes for every image found in ``inputs`` (files, folders, glob patterns).
 
     ``model`` is a registered name (default vmamba-tiny) or an already loaded ``LoadedModel``;
@@ -134,7 +135,8 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     if isinstance(model, LoadedModel):
         loaded = model
     else:
-        loaded = load_model(model, weights if weights is not None else (model or DEFAULT_MODEL), ema=ema)
+        loaded = load_model(model, weights if weights is not None else (model or DEFAULT_MODEL), ema=ema,
+                            allow_non_finite=allow_non_finite)
     net = loaded.model.to(dev).eval()
     num_classes = net.config.num_classes
     names = _labels_for(loaded, labels, num_classes)

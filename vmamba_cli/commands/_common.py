@@ -58,6 +58,7 @@ def resolve_device(device: str):
         raise fail(str(exc)) from None
 
 
+ALLOW_NON_FINITE_HELP = "Load weights that hold NaN / Inf values (refused by default: they give NaN outputs)."
 MAX_PIXELS_HELP = ("Refuse images whose header claims more pixels than this, before decoding them "
                    "(decompression bombs); the default is Pillow's limit, about 9459x9459.")
 

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from vmamba_cli.commands._common import MAX_PIXELS_HELP, console, fail, print_json, user_errors
+from vmamba_cli.commands._common import ALLOW_NON_FINITE_HELP, MAX_PIXELS_HELP, console, fail, print_json, user_errors
 from vmamba_cli.data import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
 from vmamba_cli.errors import EXIT_ERROR
 from vmamba_cli.runtime import AMP_HELP, MAX_RESOLUTION, MIN_RESOLUTION
@@ -129,6 +129,7 @@ def register(app: typer.Typer) -> None:
                                                     "Repeat to compare several models (one table row and "
                                                     "one plot line each)."),
         ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of an official checkpoint."),
+        allow_non_finite: bool = typer.Option(False, "--allow-non-finite", help=ALLOW_NON_FINITE_HELP),
         resolution: Optional[List[int]] = typer.Option(None, "--resolution", "-r", min=MIN_RESOLUTION,
                                                        max=MAX_RESOLUTION,
                                                        help="Center-crop size in pixels; several sizes "
@@ -194,7 +195,7 @@ def register(app: typer.Typer) -> None:
                         resolution=resolutions[0] if resolutions else None, crop_pct=crop_pct,
                         device=device, batch_size=batch_size, workers=workers, amp=amp,
                         limit=limit, predictions=predictions is not None, progress=sys.stderr.isatty(),
-                        max_pixels=max_pixels,
+                        max_pixels=max_pixels, allow_non_finite=allow_non_finite,
                     )
                     sweeps = None
                 else:
@@ -202,7 +203,8 @@ def register(app: typer.Typer) -> None:
                     sweeps = [evaluate_resolutions(data_dir, m, w, resolutions=resolutions or [None], label=label,
                                                    ema=ema, crop_pct=crop_pct, device=device, batch_size=batch_size,
                                                    workers=workers, amp=amp, limit=limit,
-                                                   progress=sys.stderr.isatty(), max_pixels=max_pixels)
+                                                   progress=sys.stderr.isatty(), max_pixels=max_pixels,
+                                                   allow_non_finite=allow_non_finite)
                               for m, w, label in zip(models, weights_list, _labels(weights_list, models))]
             except VMambaError:
                 raise  # reported once by the CLI (vmamba_cli/cli.py), from rank 0 only

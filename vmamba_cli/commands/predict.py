@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from vmamba_cli.commands._common import MAX_PIXELS_HELP, console, print_json, resolve_device
+from vmamba_cli.commands._common import ALLOW_NON_FINITE_HELP, MAX_PIXELS_HELP, console, print_json, resolve_device
 from vmamba_cli.data import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
 from vmamba_cli.predict import (DEFAULT_AMP, DEFAULT_BATCH_SIZE, DEFAULT_TOPK, MAX_RESOLUTION, MIN_RESOLUTION,
                                 PredictReport, predict)
@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
                                               help="Class names: text file (one per line) or JSON list "
                                                    "\\[default: from the checkpoint, else ImageNet-1k]."),
         ema: bool = typer.Option(False, "--ema", help="Use the model_ema entry of an official .pth."),
+        allow_non_finite: bool = typer.Option(False, "--allow-non-finite", help=ALLOW_NON_FINITE_HELP),
         max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, max=MAX_PIXELS_CEILING,
                                        help=MAX_PIXELS_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -80,7 +81,7 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device)
         report = predict(images, model=model, weights=weights, topk=topk, device=dev, batch_size=batch_size,
                          resolution=resolution, crop_pct=crop_pct, amp=amp, ema=ema, labels=labels,
-                         progress=console.is_terminal, max_pixels=max_pixels)
+                         progress=console.is_terminal, max_pixels=max_pixels, allow_non_finite=allow_non_finite)
         if json_out:
             print_json(report.to_dict())
             for failure in report.failures:
