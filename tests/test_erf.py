@@ -220,8 +220,16 @@ def test_panel_specs():
     assert len({s.title for s in panel_specs(["vmamba-tiny", "vmamba-tiny"])}) == 2
     with pytest.raises(ValueError, match="--weights"):
         panel_specs(["vmamba-tiny"], before_after=True)
-    with pytest.raises(ValueError, match="vit_b_16"):
-        panel_specs(["vmamba-tiny"], compare=["vit_b_16"])
+    with pytest.raises(ValueError, match="mobilenet_v3_small"):
+        panel_specs(["vmamba-tiny"], compare=["mobilenet_v3_small"])
+    tagged = panel_specs([], compare=["resnet50:IMAGENET1K_V2", "convnext_tiny:DEFAULT", "swin_t", "vit_b_16:DEFAULT"])
+    assert [(s.title, s.weights) for s in tagged[1:]] == [
+        ("resnet50 (IMAGENET1K_V2)", "IMAGENET1K_V2"), ("convnext_tiny (IMAGENET1K_V1)", "DEFAULT"),
+        ("swin_t (random init)", None), ("vit_b_16 (IMAGENET1K_V1)", "DEFAULT")]
+    with pytest.raises(ValueError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+        panel_specs([], compare=["resnet50:IMAGENET1K_V9"])
+    with pytest.raises(ValueError, match="unknown torchvision model 'resnet51'"):
+        panel_specs([], compare=["resnet51"])
 
 
 def test_builtin_photos_load_offline_at_the_requested_size():
@@ -304,3 +312,179 @@ def test_cli_compare_takes_space_separated_names_and_noise(tmp_path, tiny_weight
     bad = CliRunner().invoke(app, ["erf", "--norm", "sqrt", "--out", str(tmp_path / "x.png")])
     assert bad.exit_code == 1 and "--norm" in bad.stderr and "Traceback" not in bad.output
     assert not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Vision Transformers and released torchvision weights
+# ------------------------------------------------------------------------------------------------
+
+def small_vit(num_layers: int, image_size: int = 64, seed: int = 0):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(image_size=image_size, patch_size=16, num_layers=num_layers, num_heads=2,
+                             hidden_dim=32, mlp_dim=64, num_classes=10)
+
+
+def test_vit_map_is_the_central_patch_token():
+    from vmamba_cli.erf import ViTBackbone
+
+    x = torch.randn(1, 3, 64, 64)
+    # No encoder layer: the central token of the 4x4 grid, (2, 2), sees exactly its own 16x16 patch
+    alone = input_gradient_map(prepare_backbone(ViTBackbone(small_vit(0))), x).numpy()
+    inside = np.zeros((64, 64), dtype=bool)
+    inside[32:48, 32:48] = True
+    assert np.all(alone[~inside] == 0.0) and np.count_nonzero(alone[inside]) > 0.3 * inside.sum()
+    # One layer of global attention reaches every patch, the corners too
+    attended = input_gradient_map(prepare_backbone(ViTBackbone(small_vit(1))), x).numpy()
+    for corner in (attended[:16, :16], attended[:16, -16:], attended[-16:, :16], attended[-16:, -16:]):
+        assert corner.max() > 0.0
+    backbone = prepare_backbone(ViTBackbone(small_vit(2)))
+    assert backbone(x).shape == (1, 32, 4, 4)  # class token dropped, NCHW grid
+
+
+def test_vit_state_dict_is_interpolated_to_another_size_as_torchvision_does():
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    from vmamba_cli.peers import load_vit_state_dict
+
+    state = small_vit(1, image_size=64, seed=1).state_dict()
+    model = load_vit_state_dict(small_vit(1, image_size=96, seed=2), state)
+    pos = model.encoder.pos_embedding
+    assert pos.shape == (1, 1 + 6 * 6, 32)
+    expected = interpolate_embeddings(96, 16, dict(state))["encoder.pos_embedding"]
+    torch.testing.assert_close(pos.detach(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(pos[0, 0].detach(), state["encoder.pos_embedding"][0, 0])  # class token kept
+    torch.testing.assert_close(model.conv_proj.weight.detach(), state["conv_proj.weight"])
+
+
+def test_vit_b_32_erf_through_compute_panels():
+    from vmamba_cli.erf import compute_panels
+
+    specs = panel_specs([], compare=["vit_b_32"])[1:]
+    (result,) = compute_panels(specs, InputSource("noise", 64, noise_count=1), num_images=1)
+    assert result.spec.title == "vit_b_32 (random init)" and result.weights_file is None
+    assert result.erf.raw.shape == (64, 64) and result.erf.raw.max() > 0
+    with pytest.raises(ValueError, match="divisible by its patch size 32"):
+        compute_panels(specs, InputSource("noise", 48, noise_count=1), num_images=1)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torchvision cache (TORCH_HOME), and a network that must not be touched."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    calls = []
+
+    def no_download(url, *args, **kwargs):
+        calls.append(url)
+        raise AssertionError(f"tried to download {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    checkpoints = home / "hub" / "checkpoints"
+    return checkpoints, calls
+
+
+def test_released_peer_weights_come_from_torchvision_cache(torch_home, tmp_path):
+    import torchvision
+    from typer.testing import CliRunner
+
+    from vmamba_cli.cli import app
+    from vmamba_cli.peers import build_peer
+
+    checkpoints, calls = torch_home
+    checkpoints.mkdir(parents=True)
+    name = "resnet18-f37072fd.pth"  # what torchvision's ResNet18_Weights.IMAGENET1K_V1 downloads to
+    assert torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.endswith("/" + name)
+    torch.manual_seed(7)
+    released = torchvision.models.resnet18()
+    with torch.no_grad():
+        released.conv1.weight.mul_(3.0)  # unlike any fresh init
+    torch.save(released.state_dict(), checkpoints / name)
+
+    model = build_peer("resnet18", "DEFAULT")
+    torch.testing.assert_close(model.conv1.weight, released.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.fc.bias, released.fc.bias, rtol=0, atol=0)
+
+    result = CliRunner().invoke(app, ["erf", "--noise", "-r", "64", "-n", "1", "--out", str(tmp_path / "e.png"),
+                                      "--save-map", str(tmp_path / "m.npy"), "--json",
+                                      "--compare", "resnet18:IMAGENET1K_V1", "resnet18"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    peers = doc["panels"][1:]
+    assert [(p["title"], p["weights"]) for p in peers] == [
+        ("resnet18 (IMAGENET1K_V1)", "IMAGENET1K_V1"), ("resnet18 (random init)", None)]
+    assert peers[0]["weights_file"] == str(checkpoints / name) and peers[1]["weights_file"] is None
+    raw = np.load(tmp_path / "m.npy")
+    assert not np.allclose(raw[1], raw[2])  # the released weights changed the map
+    assert calls == []
+
+
+def test_missing_peer_checkpoint_is_one_line_and_no_download(torch_home, tmp_path):
+    from typer.testing import CliRunner
+
+    from vmamba_cli.cli import app
+
+    checkpoints, calls = torch_home
+    out = tmp_path / "e.png"
+    result = CliRunner().invoke(app, ["erf", "--noise", "-r", "64", "-n", "1", "--out", str(out),
+                                      "--compare", "swin_t", "convnext_tiny:DEFAULT"])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "convnext_tiny-983f1562.pth" in lines[0] and str(checkpoints) in lines[0] and "--download" in lines[0]
+    assert "Traceback" not in result.output and not out.exists() and calls == []
+
+
+def test_released_vit_weights_load_at_another_size(torch_home, monkeypatch):
+    import torchvision
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    from vmamba_cli.peers import build_peer
+
+    checkpoints, calls = torch_home
+    entry = torchvision.models.ViT_B_32_Weights.IMAGENET1K_V1
+    checkpoints.mkdir(parents=True)
+    (checkpoints / entry.url.rsplit("/", 1)[1]).touch()  # present in the cache; its content comes from below
+    torch.manual_seed(5)
+    state = torchvision.models.vit_b_32().state_dict()  # a 224 model: 7x7 grid
+    monkeypatch.setattr(torchvision.models.ViT_B_32_Weights, "get_state_dict", lambda self, *a, **k: dict(state))
+    model = build_peer("vit_b_32", "DEFAULT", image_size=64)
+    assert model.image_size == 64 and model.encoder.pos_embedding.shape == (1, 1 + 2 * 2, 768)
+    expected = interpolate_embeddings(64, 32, dict(state))["encoder.pos_embedding"]
+    torch.testing.assert_close(model.encoder.pos_embedding.detach(), expected, rtol=0, atol=0)
+    assert calls == []
+
+
+def test_download_flag_fetches_into_the_cache_and_fails_in_one_line(torch_home, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    from vmamba_cli.peers import PeerWeightsMissing, build_peer
+
+    checkpoints, _ = torch_home
+    torch.manual_seed(11)
+    released = torchvision.models.resnet18().state_dict()
+    fetched = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        fetched.append((url, hash_prefix))
+        torch.save(released, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    model = build_peer("resnet18", "IMAGENET1K_V1", download=True)
+    assert fetched == [(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, "f37072fd")]
+    assert (checkpoints / "resnet18-f37072fd.pth").is_file()
+    torch.testing.assert_close(model.conv1.weight, released["conv1.weight"], rtol=0, atol=0)
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(PeerWeightsMissing) as info:
+        build_peer("resnet34", "DEFAULT", download=True)
+    message = str(info.value)
+    assert "\n" not in message and "resnet34-b627a593.pth" in message and "Name or service" in message
+    assert not (checkpoints / "resnet34-b627a593.pth").exists()

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from vmamba_cli.cli import app
 from vmamba_cli.flops import count_flops, flops_breakdown, fvcore_einsum_flops, stage_sizes
 from vmamba_cli.model import MODELS, VSSM, get_model_spec
-from vmamba_cli.profile import PeakMemory, is_out_of_memory, peer_flops, profile
+from vmamba_cli.profile import (PeakMemory, crossover, fit_exponent, is_out_of_memory, peer_flops, profile,
+                                scaling_report)
 
 runner = CliRunner()
 
@@ -40,7 +41,7 @@ def test_closed_form_equals_published_flops(name):
 
 def test_v0_einsum_rounding_is_what_makes_the_published_number():
     cfg = get_model_spec("vmamba-v0-tiny").config
-    # Unrounded value quoted in spec §6; the rounded one is the published 5.626895040 G.
+    # Unrounded value quoted in docs/design.md §6; the rounded one is the published 5.626895040 G.
     assert count_flops(cfg, 224, legacy_einsum=False) == 5_626_902_528
     assert fvcore_einsum_flops(123_456_789) == 123_450_000
     # Batch scales everything linearly except the per-einsum rounding.
@@ -244,3 +245,134 @@ def test_cli_accepts_space_separated_values_and_repeated_flags(monkeypatch):
                     "compare": ["swin_t", "resnet50"], "batch_size": 4}
     result = runner.invoke(app, ["profile", "--amp", "float64"])
     assert result.exit_code == 1 and "--amp" in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Cost against pixel count: exponents, crossovers, ViT peers
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exponent", [1.0, 2.0, 1.37])
+def test_fit_exponent_recovers_the_power_law(exponent):
+    pixels = [r * r for r in (32, 64, 96, 224, 512)]
+    wobble = [1.02, 0.97, 1.01, 0.99, 1.03]  # multiplicative noise, as timings have
+    fit = fit_exponent(pixels, [3e-6 * p ** exponent * w for p, w in zip(pixels, wobble)])
+    assert fit["exponent"] == pytest.approx(exponent, abs=0.02)
+    assert fit["points"] == 5 and 0.99 < fit["r2"] <= 1.0
+    exact = fit_exponent(pixels, [p ** exponent for p in pixels])
+    assert exact["exponent"] == pytest.approx(exponent, rel=1e-12) and exact["r2"] == pytest.approx(1.0)
+
+
+def test_fit_exponent_needs_two_usable_points():
+    assert fit_exponent([1024], [5.0]) is None
+    assert fit_exponent([1024, 1024], [5.0, 6.0]) is None
+    # zero or missing costs (memory not measurable) are left out, not logged
+    assert fit_exponent([100, 400, 900], [0.0, None, 9.0]) is None
+    assert fit_exponent([100, 400, 900], [0.0, 4.0, 9.0])["exponent"] == pytest.approx(1.0)
+
+
+def test_crossover_statuses_and_estimate():
+    # reference ~ P (linear), peer ~ P^2 / 200^2: equal at 200 px, so overtaken between 128 and 256
+    points = [(r, 1.0 / (r * r), 1.0 / (r ** 4 / 200 ** 2)) for r in (64, 128, 256, 512)]
+    result = crossover(points, higher_is_better=True)  # images/s
+    assert result["status"] == "overtakes" and result["resolution"] == 256
+    assert result["estimated_resolution"] == pytest.approx(200.0, rel=1e-9)
+    assert [round(a["advantage"], 6) for a in result["advantage"]] == [
+        round((r / 200) ** 2, 6) for r in (64, 128, 256, 512)]
+    # memory: lower is better; ahead everywhere, then behind at the largest
+    assert crossover([(64, 1.0, 2.0), (128, 2.0, 4.0)], higher_is_better=False)["status"] == "ahead_throughout"
+    mixed = crossover([(64, 3.0, 2.0), (128, 2.0, 4.0), (256, 9.0, 8.0)], higher_is_better=False)
+    assert mixed["status"] == "behind_at_largest" and mixed["resolution"] is None
+    assert crossover([(64, 1.0, 1.0)], higher_is_better=True)["status"] == "behind_at_largest"  # a tie is not ahead
+    assert crossover([], higher_is_better=True)["status"] == "no_data"
+
+
+def test_crossover_counts_out_of_memory_as_the_worse_side():
+    # the peer runs out of memory at 1024: the reference is ahead there, with no estimate to interpolate
+    result = crossover([(512, 90.0, 80.0), (1024, 300.0, None)], higher_is_better=False)
+    assert result["status"] == "overtakes" and result["resolution"] == 1024
+    assert result["estimated_resolution"] is None and result["advantage"][1]["advantage"] == float("inf")
+    # the reference itself out of memory at the largest size: not within range
+    assert crossover([(512, 2.0, 1.0), (1024, None, 0.5)], True)["status"] == "behind_at_largest"
+    assert crossover([(512, None, None)], True)["status"] == "no_data"
+
+
+def _row(model, family, res, ips, mem, status="ok", batch=1):
+    row = {"model": model, "family": family, "resolution": res, "status": status, "batch_size": batch}
+    if status == "ok":
+        row.update(images_per_s=ips, peak_memory_mb=mem)
+    return row
+
+
+def test_scaling_report_on_rows():
+    rs = (128, 256, 512, 1024)
+    rows = [_row("vm", "vmamba", r, 1e6 / r ** 2, 1e-3 * r ** 2) for r in rs]
+    for row in rows:
+        row["flops"] = 7 * row["resolution"] ** 2
+    rows += [_row("vit", "torchvision", r, 4e11 / r ** 4, 2e-8 * r ** 4) for r in rs[:3]]
+    rows += [_row("vit", "torchvision", 1024, None, None, status="OOM")]
+    rows += [_row("cnn", "torchvision", r, 2e6 / r ** 2, 5e-4 * r ** 2) for r in rs]
+    report = scaling_report(rows)
+    assert report["reference"] == "vm"
+    exps = {m["model"]: m for m in report["models"]}
+    assert exps["vm"]["time_exponent"] == pytest.approx(1.0) and exps["vm"]["memory_exponent"] == pytest.approx(1.0)
+    assert exps["vit"]["time_exponent"] == pytest.approx(2.0) and exps["vit"]["memory_exponent"] == pytest.approx(2.0)
+    assert exps["vit"]["resolutions"] == [128, 256, 512] and exps["vit"]["time_fit"]["points"] == 3
+    assert exps["vm"]["flops_exponent"] == pytest.approx(1.0) and exps["vit"]["flops_exponent"] is None
+    cross = {c["model"]: c for c in report["crossovers"]}
+    # vit: images/s ratio vm/vit = r^2 / 4e5, equal at r = 632.5: overtaken at 1024 (the OOM row)
+    assert cross["vit"]["images_per_s"]["status"] == "overtakes"
+    assert cross["vit"]["images_per_s"]["resolution"] == 1024
+    # memory vit/vm = 2e-5 r^2, equal at r = 223.6 -> overtaken at 256, estimate interpolated
+    assert cross["vit"]["peak_memory_mb"]["resolution"] == 256
+    assert cross["vit"]["peak_memory_mb"]["estimated_resolution"] == pytest.approx(223.607, rel=1e-4)
+    assert cross["cnn"]["images_per_s"]["status"] == "behind_at_largest"
+    assert cross["cnn"]["peak_memory_mb"]["status"] == "behind_at_largest"
+    # memory measured at another batch size (an OOM retry) is not compared
+    rows[0]["batch_size"] = 2
+    points = scaling_report(rows)["crossovers"][0]["peak_memory_mb"]["advantage"]
+    assert [p["resolution"] for p in points] == [256, 512, 1024]
+
+
+def test_vit_peers_are_built_per_resolution_and_tags_are_refused():
+    fake = FakeRunner()
+    rows = profile([], [64, 80], compare=["vit_b_32"], runner=fake, scan_bandwidth=False, device="cpu")
+    ok, bad = rows
+    assert ok["status"] == "ok" and ok["flops"] == peer_flops("vit_b_32", 64)[0]
+    assert bad["status"] == "error" and "divisible by its patch size 32" in bad["error"]
+    with pytest.raises(ValueError, match="random weights"):
+        profile([], [64], compare=["vit_b_32:DEFAULT"], runner=fake)
+
+
+def test_peer_flops_of_a_vit_grow_with_its_token_count():
+    base, _ = peer_flops("vit_b_32", 224)  # 49 patch tokens + class token
+    big, params = peer_flops("vit_b_32", 448)  # 196 + 1: the linear layers 4x, attention 16x
+    assert 3.9 < big / base < 4.2
+    assert params > peer_flops("vit_b_32", 224)[1]  # the larger position grid
+
+
+def test_cli_scaling_json_and_plot_with_a_vit(tmp_path, one_thread):
+    out_png = tmp_path / "cost.png"
+    result = runner.invoke(app, [
+        "profile", "-m", "vmamba-tiny", "-r", "32", "64", "96", "--compare", "vit_b_32", "--warmup", "0",
+        "--iters", "1", "--no-scan-bandwidth", "--threads", "1", "--json", "--plot", str(out_png)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [(r["model"], r["resolution"], r["status"]) for r in doc["rows"]] == [
+        ("vmamba-tiny-s1l8", 32, "ok"), ("vmamba-tiny-s1l8", 64, "ok"), ("vmamba-tiny-s1l8", 96, "ok"),
+        ("vit_b_32", 32, "ok"), ("vit_b_32", 64, "ok"), ("vit_b_32", 96, "ok")]
+    scaling = doc["scaling"]
+    assert scaling["reference"] == "vmamba-tiny-s1l8"
+    for entry in scaling["models"]:
+        assert entry["resolutions"] == [32, 64, 96]
+        assert isinstance(entry["time_exponent"], float) and entry["time_fit"]["points"] == 3
+        mine = [r for r in doc["rows"] if r["model"] == entry["model"]]
+        expected = fit_exponent([r["resolution"] ** 2 for r in mine], [r["flops"] for r in mine])["exponent"]
+        assert entry["flops_exponent"] == pytest.approx(expected) and entry["flops_fit"]["points"] == 3
+        assert "memory_exponent" in entry
+    assert 0.95 < scaling["models"][0]["flops_exponent"] < 1.05  # VMamba: linear in pixel count
+    (vit,) = scaling["crossovers"]
+    assert vit["model"] == "vit_b_32" and vit["reference"] == "vmamba-tiny-s1l8"
+    for field in ("images_per_s", "peak_memory_mb"):
+        assert vit[field]["status"] in ("ahead_throughout", "overtakes", "behind_at_largest", "no_data")
+        assert {"resolution", "estimated_resolution", "advantage"} <= set(vit[field])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

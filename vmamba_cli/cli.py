@@ -65,6 +65,13 @@ def main() -> None:
     from vmamba_cli.memory import tune_malloc
 
     tune_malloc()
+    # Images are checked against --max-pixels by vmamba_cli.data.load_image, which reports an image
+    # over the limit as that file's error; Pillow's own warning for the same image would only repeat it.
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     app()
 
 

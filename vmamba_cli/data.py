@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -15,29 +17,128 @@ from vmamba_cli.model import (DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, Pre
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 
 
-def load_image(path: str | os.PathLike):
+# The default pixel limit is Pillow's own (PIL.Image.MAX_IMAGE_PIXELS = 2**30 // 4 // 3, about
+# 9459 x 9459). Pillow refuses twice its limit outright at open, so a larger --max-pixels could not take
+# effect: MAX_PIXELS_CEILING is that bound.
+DEFAULT_MAX_PIXELS = 89_478_485
+MAX_PIXELS_CEILING = 2 * DEFAULT_MAX_PIXELS
+
+_FILE_KINDS = ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "not a regular file (named pipe)"),
+               (stat.S_ISCHR, "not a regular file (character device)"),
+               (stat.S_ISBLK, "not a regular file (block device)"), (stat.S_ISSOCK, "not a regular file (socket)"))
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as an input file, from ``stat`` alone (nothing is opened), or None.
+
+    FIFOs, devices and sockets are refused here: opening a FIFO blocks until a writer appears, and a
+    device can stream forever. Symbolic links are followed; a dangling one is named as such.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "dangling symbolic link" if os.path.islink(path) else "no such file"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return f"cannot stat ({exc.strerror or type(exc).__name__})"
+    return _mode_problem(mode)
+
+
+def _mode_problem(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    for test, problem in _FILE_KINDS:
+        if test(mode):
+            return problem
+    return "not a regular file"
+
+
+def _open_regular(path: Path):
+    """A binary file object for ``path``, refusing anything but a regular file without blocking.
+
+    The path is checked with ``stat`` first; the open itself is non-blocking and the opened file is
+    checked again, so a file swapped for a FIFO in between cannot hang the caller either.
+    """
+    problem = file_problem(path)
+    if problem is not None:
+        raise ImageError(path, problem)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise ImageError(path, f"cannot open ({exc.strerror or type(exc).__name__})") from None
+    info = os.fstat(fd)
+    problem = _mode_problem(info.st_mode) or ("empty file" if info.st_size == 0 else None)
+    if problem is not None:
+        os.close(fd)
+        raise ImageError(path, problem)
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _too_large(path: Path, size: tuple[int, int] | None, pixels: int | None, limit: int) -> ImageError:
+    shown = f"{size[0]}x{size[1]} ({size[0] * size[1]} pixels)" if size else f"{pixels or 'over'} pixels"
+    return ImageError(path, f"image too large: {shown}, limit {limit} pixels; raise it with --max-pixels "
+                            f"(at most {MAX_PIXELS_CEILING})")
+
+
+def _header_size(fh) -> tuple[int, int] | None:
+    """The size an image header claims, read by the format plugin without Pillow's pixel guard.
+
+    Only used to word the error for an image that Pillow's guard refused at open."""
+    from PIL import Image
+
+    Image.init()
+    fh.seek(0)
+    prefix = fh.read(16)
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        try:
+            if accept and not accept(prefix):
+                continue
+            fh.seek(0)
+            return tuple(factory(fh, "").size)
+        except Exception:  # a plugin that does not recognise the file, or checks the size itself
+            continue
+    return None
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Open an image as 8-bit RGB PIL image, honouring EXIF orientation.
 
     Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images are converted.
-    Raises ImageError for missing, unreadable, truncated or non-image files.
+    Raises ImageError, naming the file, for anything that is not a usable image: missing, a
+    directory, FIFO, device or socket (refused by ``stat`` before any open), unreadable, truncated,
+    not an image, or an image whose header claims more than ``max_pixels`` pixels (checked from the
+    header, before decoding; decompression bombs). Every decoder exception becomes an ImageError.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.exists():
-        raise ImageError(path, "no such file")
-    if path.is_dir():
-        raise ImageError(path, "is a directory")
-    try:
-        with Image.open(path) as im:
-            im.load()  # force decoding now: truncated files fail here, not later in a worker
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ImageError(path, f"unreadable image ({reason})") from None
+    limit = min(int(max_pixels), MAX_PIXELS_CEILING)
+    bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+    with _open_regular(path) as fh:
+        try:
+            with Image.open(fh) as im:  # lazy: reads the header only
+                width, height = im.size
+                if width * height > limit:
+                    raise _too_large(path, im.size, None, limit)
+                im.load()  # force decoding now: truncated files fail here, not later in a worker
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+        except ImageError:
+            raise
+        except bomb as exc:
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            raise _too_large(path, _header_size(fh), int(pixels.group(1)) if pixels else None, limit) from None
+        except UnidentifiedImageError:
+            raise ImageError(path, "not an image (unrecognised format)") from None
+        except MemoryError:
+            raise ImageError(path, "unreadable image (out of memory while decoding)") from None
+        except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error ... from a damaged file
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ImageError(path, f"unreadable image ({reason})") from None
 
 
 def _to_rgb(im):
@@ -104,15 +205,26 @@ class InputScan:
     ignored: int = 0
 
 
+def _real(path: str | os.PathLike) -> str:
+    return os.path.realpath(path)
+
+
+def _leads_back(real: str, root_real: str) -> bool:
+    """True when folder ``real`` is ``root_real`` or one of its ancestors: walking it loops."""
+    return root_real == real or root_real.startswith(real.rstrip(os.sep) + os.sep)
+
+
 def _walk_folder(folder: Path) -> tuple[list[Path], int]:
-    """Image files under ``folder`` by extension (recursive, symlinks followed once, hidden names
-    skipped), in path order, and the number of other files."""
+    """Image files under ``folder`` by extension (recursive, hidden names skipped), in path order, and
+    the number of other files. A symlinked folder is followed once: one leading back to ``folder`` or
+    above it (a loop) is skipped, and each real folder is walked once."""
     found: list[Path] = []
     ignored = 0
+    root_real = _real(folder)
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in visited:  # a symlink back up the tree: walk each real folder once
+        real = _real(dirpath)
+        if real in visited or (visited and _leads_back(real, root_real)):
             dirnames[:] = []
             continue
         visited.add(real)
@@ -127,6 +239,20 @@ def _walk_folder(folder: Path) -> tuple[list[Path], int]:
     return sorted(found), ignored
 
 
+def class_subfolders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class folders of ``root`` (its sub-folders, hidden names skipped). A
+    symlinked folder leading back to ``root`` or above is left out: it would hold every class again."""
+    root_real = _real(root)
+    names = []
+    for entry in os.scandir(root):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        if entry.is_symlink() and _leads_back(_real(entry.path), root_real):
+            continue
+        names.append(entry.name)
+    return sorted(names)
+
+
 def find_images(inputs: Iterable[str | os.PathLike]) -> InputScan:
     """The image scanner of predict, eval and train: files, folders and glob patterns -> image files.
 
@@ -135,17 +261,20 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> InputScan:
     * an existing file: taken whatever its extension (the user named it);
     * a glob pattern (``**`` recursive): the files it matches, sorted; "pattern matched no files";
     * anything else: "no such file".
-    Inputs keep their order, a file found twice is kept once. Problems are collected in ``errors``
-    (``ImageError`` naming the input), never raised, so callers decide whether they are fatal.
+    Inputs keep their order; a file found twice (also through a symbolic link) is kept once; a folder
+    symlink is followed at most once. Problems are collected in ``errors`` (``ImageError`` naming the
+    input), never raised, so callers decide whether they are fatal. Nothing is opened: FIFOs, devices
+    and the like are listed and refused by ``load_image`` when read.
     """
     files: list[Path] = []
     errors: list[ImageError] = []
     ignored = 0
-    seen: set[Path] = set()
+    seen: set[str] = set()
 
     def add(p: Path):
-        if p not in seen:
-            seen.add(p)
+        key = _real(p)
+        if key not in seen:
+            seen.add(key)
             files.append(p)
 
     for item in inputs:
@@ -161,15 +290,16 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> InputScan:
         elif path.exists():
             add(path)
         elif glob.has_magic(text):
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if not Path(m).is_dir())
             if not matches:
                 errors.append(ImageError(text, "pattern matched no files"))
             for p in matches:
                 add(p)
         else:
-            errors.append(ImageError(path, "no such file"))
+            errors.append(ImageError(path, file_problem(path) or "no such file"))
     return InputScan(files, errors, ignored)
 
 
-__all__ = ["DEFAULT_CROP_PCT", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageError", "InputScan",
-           "Preprocess", "eval_transform", "find_images", "imagenet_class_names", "load_image"]
+__all__ = ["DEFAULT_CROP_PCT", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD",
+           "MAX_PIXELS_CEILING", "ImageError", "InputScan", "Preprocess", "class_subfolders", "eval_transform",
+           "file_problem", "find_images", "imagenet_class_names", "load_image"]

@@ -1,6 +1,6 @@
 """Effective receptive field (ERF): gradient maps, their average, normalisation, measures and plots.
 
-The method is the one of RepLKNet and the VMamba paper (spec §8)::
+The method is the one of RepLKNet and the VMamba paper (docs/design.md §8)::
 
     out    = backbone(x)                         # last-stage NCHW map, no classifier
     score  = sum_c ReLU(out[:, c, h // 2, w // 2])
@@ -34,8 +34,8 @@ AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 NORMS = ("pow", "log")
 COLORMAP = "RdYlGn"
 
-# torchvision families whose last feature stage we know how to take (see TorchvisionBackbone).
-TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet", "convnext", "swin")
+# torchvision families whose last feature map we know how to take (see TorchvisionBackbone).
+TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet", "convnext", "swin", "vit")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -53,24 +53,50 @@ class VMambaBackbone(nn.Module):
         return self.model.forward_features(x)[-1]
 
 
+class ViTBackbone(nn.Module):
+    """The patch-token grid after the last encoder layer of a torchvision VisionTransformer, as NCHW.
+
+    Patch embedding, class token, position embeddings and every encoder layer run as in the
+    classifier; the final LayerNorm and the head are left out (as the classifier norm is for the
+    other families), and the class token is dropped, so the output is the (H / p, W / p) grid of
+    patch tokens and the ERF's central position is the central patch token.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        n, _, h, w = x.shape
+        tokens = net._process_input(x)
+        tokens = torch.cat([net.class_token.expand(n, -1, -1), tokens], dim=1)
+        encoder = net.encoder
+        tokens = encoder.layers(encoder.dropout(tokens + encoder.pos_embedding))
+        grid = tokens[:, 1:].reshape(n, h // net.patch_size, w // net.patch_size, -1)
+        return grid.permute(0, 3, 1, 2)
+
+
 class TorchvisionBackbone(nn.Module):
     """The last feature stage of a torchvision classifier, as NCHW.
 
     ResNets: stem and layer1..layer4. ConvNeXt: ``features``. Swin: ``features`` (NHWC there),
-    permuted to NCHW. Built with random weights: pretrained ones would need a download.
+    permuted to NCHW. ViT: the patch-token grid of the last encoder layer (``ViTBackbone``), built
+    for ``image_size``. ``weights`` is a torchvision weights tag (``IMAGENET1K_V2``, ``DEFAULT``) read
+    from torchvision's cache (``vmamba_cli.peers``), or None for torchvision's random init.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, weights: str | None = None, *, image_size: int | None = None,
+                 download: bool = False):
         super().__init__()
-        import torchvision.models as tvm
+        from vmamba_cli.peers import build_peer
 
         family = torchvision_family(name)
-        try:
-            net = tvm.get_model(name, weights=None)
-        except ValueError:
-            raise ValueError(f"unknown torchvision model {name!r}") from None
+        net = build_peer(name, weights, image_size=image_size, download=download)
         self.name, self.family = name, family
-        if family in ("resnet", "resnext", "wide_resnet"):
+        if family == "vit":
+            self.features = ViTBackbone(net)
+        elif family in ("resnet", "resnext", "wide_resnet"):
             self.features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
                                           net.layer1, net.layer2, net.layer3, net.layer4)
         else:
@@ -87,8 +113,8 @@ def torchvision_family(name: str) -> str:
     for family in TORCHVISION_FAMILIES:
         if name.lower().startswith(family):
             return family
-    raise ValueError(f"--compare supports torchvision ResNet/ResNeXt/Wide-ResNet, ConvNeXt and Swin models, "
-                     f"not {name!r} (e.g. resnet50, convnext_tiny, swin_t)")
+    raise ValueError(f"--compare supports torchvision ResNet/ResNeXt/Wide-ResNet, ConvNeXt, Swin and ViT models, "
+                     f"not {name!r} (e.g. resnet50, convnext_tiny, swin_t, vit_b_16)")
 
 
 def prepare_backbone(backbone: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
@@ -209,7 +235,7 @@ def _matplotlib(filename: str):
 
 
 # Real photographs that ship inside scikit-image, scikit-learn and matplotlib wheels and load
-# without a network (machine-facts §2b). Colour first; the grey ones are repeated over RGB.
+# without a network (docs/design.md §12.2). Colour first; the grey ones are repeated over RGB.
 BUILTIN_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "astronaut": _skimage("astronaut"),
     "chelsea": _skimage("chelsea"),
@@ -465,12 +491,12 @@ def load_erf_maps(path: str | os.PathLike) -> dict[str, np.ndarray]:
 @dataclass
 class PanelSpec:
     """One heat map to compute: a VMamba (registered name + weights, or fresh init) or a
-    torchvision model (random weights)."""
+    torchvision model (released weights by tag, or random init)."""
 
     title: str
     kind: str                          # "vmamba" | "torchvision"
     model: str | None                  # None: the architecture of ``weights`` (default vmamba-tiny)
-    weights: str | None = None
+    weights: str | None = None         # VMamba: file/registry name/URL; torchvision: weights tag
     ema: bool = False
     init_like: str | None = None       # fresh init of the architecture these weights describe
 
@@ -482,12 +508,13 @@ class PanelResult:
     normalised: np.ndarray
     areas: list[AreaRatio]
     model_name: str                    # resolved registry name, or the torchvision name
+    weights_file: str | None = None    # torchvision checkpoint read from the cache
 
     def to_dict(self) -> dict:
         e = self.erf
         return {
             "title": self.spec.title, "kind": self.spec.kind, "model": self.model_name,
-            "weights": self.spec.weights,
+            "weights": self.spec.weights, "weights_file": self.weights_file,
             "images_used": e.used, "images_skipped_nan": e.skipped_nonfinite,
             "skipped_names": e.skipped_names,
             "seconds": round(e.seconds, 3),
@@ -499,14 +526,17 @@ class PanelResult:
         }
 
 
-def build_backbone(spec: PanelSpec, *, seed: int = 0, scan_backend: str = "auto") -> tuple[nn.Module, str]:
-    """The backbone for a panel and its resolved model name. Random inits are seeded by ``seed``."""
+def build_backbone(spec: PanelSpec, *, seed: int = 0, scan_backend: str = "auto", resolution: int | None = None,
+                   download: bool = False) -> tuple[nn.Module, str]:
+    """The backbone for a panel and its resolved model name. Random inits are seeded by ``seed``;
+    ``resolution`` sizes a ViT's position grid; ``download`` lets torchvision fetch missing peer weights."""
     from vmamba_cli.weights import load_model
 
     if spec.kind == "torchvision":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return TorchvisionBackbone(spec.model), spec.model
+            backbone = TorchvisionBackbone(spec.model, spec.weights, image_size=resolution, download=download)
+            return backbone, spec.model
     if spec.init_like is not None:
         # "before" of --before-after: same architecture as the trained weights, official init
         template = load_model(spec.model, spec.init_like, ema=spec.ema)
@@ -528,15 +558,21 @@ def build_backbone(spec: PanelSpec, *, seed: int = 0, scan_backend: str = "auto"
 def panel_specs(models: Sequence[str | None], weights: Sequence[str] = (), *, before_after: bool = False,
                 compare: Sequence[str] = (), ema: bool = False) -> list[PanelSpec]:
     """Panels for the CLI's options: each --model (with its --weights, or fresh init), both states
-    with ``before_after``, then each --compare torchvision model. A model of None takes the
-    architecture of its weights (vmamba-tiny without weights)."""
+    with ``before_after``, then each --compare torchvision model (``name`` for random init,
+    ``name:TAG`` for torchvision's released weights). A model of None takes the architecture of
+    its weights (vmamba-tiny without weights)."""
+    from vmamba_cli.peers import parse_peer, peer_label
+
     models = list(models) or [None]
     if weights and len(weights) != len(models):
         raise ValueError(f"give one --weights per --model ({len(models)} model(s), {len(weights)} weights)")
     if before_after and not weights:
         raise ValueError("--before-after compares the fresh init with trained weights: give --weights")
-    for name in compare:
+    peers = [parse_peer(text) for text in compare]
+    labels = []
+    for name, tag in peers:
         torchvision_family(name)
+        labels.append(peer_label(name, tag))  # unknown tags fail here, before anything is computed
     specs = []
     for i, model in enumerate(models):
         w = weights[i] if weights else None
@@ -547,8 +583,8 @@ def panel_specs(models: Sequence[str | None], weights: Sequence[str] = (), *, be
         if before_after:
             specs.append(PanelSpec(f"{label} (fresh init)", "vmamba", model, None, ema, init_like=w))
         specs.append(PanelSpec(f"{label} ({Path(w).name})", "vmamba", model, w, ema))
-    for name in compare:
-        specs.append(PanelSpec(f"{name} (random init)", "torchvision", name))
+    for (name, tag), label in zip(peers, labels):
+        specs.append(PanelSpec(f"{name} ({label})", "torchvision", name, tag))
     titles = [s.title for s in specs]
     for i, s in enumerate(specs):  # repeated models get numbered titles (safetensors keys must differ)
         if titles.count(s.title) > 1:
@@ -559,14 +595,20 @@ def panel_specs(models: Sequence[str | None], weights: Sequence[str] = (), *, be
 def compute_panels(specs: Sequence[PanelSpec], source: InputSource, *, num_images: int = DEFAULT_NUM_IMAGES,
                    norm: str = "pow", thresholds: Sequence[float] = AREA_THRESHOLDS,
                    device: torch.device | str = "cpu", seed: int = 0, scan_backend: str = "auto",
+                   download: bool = False,
                    on_panel_start: Callable[[PanelSpec, int], None] | None = None,
                    on_image: Callable[[str, bool], None] | None = None,
                    on_error: Callable[[str], None] | None = None) -> list[PanelResult]:
     """Average ERF maps for every panel over the same inputs; normalise and measure each.
 
     ``on_panel_start(spec, expected_images)``, ``on_image(name, used)`` and ``on_error(message)``
-    report progress (unreadable images are reported once, for the first panel).
+    report progress (unreadable images are reported once, for the first panel). Released peer
+    weights must be in torchvision's cache unless ``download`` (checked for every panel before the
+    first is computed: ``vmamba_cli.peers.PeerWeightsMissing``), and ViTs need a resolution
+    divisible by their patch size.
     """
+    from vmamba_cli.peers import check_weights, is_vit, vit_patch_size
+
     if norm not in NORMS:
         raise ValueError(f"unknown normalisation {norm!r}; choose from {', '.join(NORMS)}")
     if num_images < 1:
@@ -578,9 +620,19 @@ def compute_panels(specs: Sequence[PanelSpec], source: InputSource, *, num_image
             resolve_backend(scan_backend, torch.device(device))
         except RuntimeError as exc:
             raise ValueError(str(exc)) from None
+    files = {}
+    for spec in specs:
+        if spec.kind != "torchvision":
+            continue
+        if is_vit(spec.model) and source.resolution % vit_patch_size(spec.model):
+            raise ValueError(f"{spec.model} needs --resolution divisible by its patch size "
+                             f"{vit_patch_size(spec.model)}, got {source.resolution}")
+        path = check_weights(spec.model, spec.weights, download=download)
+        files[spec.title] = None if path is None else str(path)
     results = []
     for index, spec in enumerate(specs):
-        backbone, name = build_backbone(spec, seed=seed, scan_backend=scan_backend)
+        backbone, name = build_backbone(spec, seed=seed, scan_backend=scan_backend, resolution=source.resolution,
+                                        download=download)
         backbone = prepare_backbone(backbone, device)
         if on_panel_start is not None:
             on_panel_start(spec, min(num_images, source.available))
@@ -588,7 +640,8 @@ def compute_panels(specs: Sequence[PanelSpec], source: InputSource, *, num_image
         erf = average_erf(backbone, source.iterate(errors), num_images, device=device, on_image=on_image)
         del backbone
         normalised = normalise_erf(erf.raw, norm)
-        results.append(PanelResult(spec, erf, normalised, high_contribution_area(normalised, thresholds), name))
+        results.append(PanelResult(spec, erf, normalised, high_contribution_area(normalised, thresholds), name,
+                                   files.get(spec.title)))
     return results
 
 
@@ -615,6 +668,7 @@ def erf_report(results: Sequence[PanelResult], source: InputSource, *, norm: str
 __all__ = [
     "AREA_THRESHOLDS", "BUILTIN_PHOTOS", "DEFAULT_NUM_IMAGES", "DEFAULT_RESOLUTION", "NORMS",
     "AreaRatio", "ERFMap", "InputSource", "PanelResult", "PanelSpec", "TorchvisionBackbone", "VMambaBackbone",
+    "ViTBackbone",
     "average_erf", "build_backbone", "builtin_photo", "centred_colormap", "compute_panels", "erf_report",
     "erf_transform", "folder_source", "high_contribution_area", "input_gradient_map", "load_erf_maps",
     "normalise_erf", "panel_specs", "prepare_backbone", "render_erf", "save_erf_maps", "torchvision_family",

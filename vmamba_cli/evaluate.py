@@ -15,7 +15,6 @@ dataset size. Images that cannot be read are counted and listed as failures, nev
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -28,11 +27,13 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from vmamba_cli.data import IMAGE_EXTENSIONS, Preprocess, eval_transform, find_images, load_image
+from vmamba_cli import jsonout
+from vmamba_cli.data import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Preprocess, class_subfolders, eval_transform,
+                             find_images, load_image)
 from vmamba_cli.errors import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EXIT_USAGE, DataError, ImageError,  # noqa: F401
                                InputError)
 from vmamba_cli.metrics import TOPK, TopKAccumulator
-from vmamba_cli.runtime import Dist, amp_name, autocast, process_group, resolve_amp
+from vmamba_cli.runtime import Dist, amp_name, autocast, check_memory, check_resolution, process_group, resolve_amp
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 
@@ -69,7 +70,7 @@ def class_folders(data_dir: str | os.PathLike) -> list[str]:
         raise DataError(f"{root}: no such folder")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected one sub-folder per class)")
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = class_subfolders(root)
     if not folders:
         raise DataError(f"{root}: no class sub-folders (expected one sub-folder per class)")
     return folders
@@ -139,10 +140,12 @@ class EvalImageDataset(torch.utils.data.Dataset):
     """(path, target) samples -> preprocessed tensors; an unreadable file yields a failure marker
     instead of raising, so that one bad JPEG does not kill the DataLoader or the run."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform, indices: Sequence[int] | None = None):
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, indices: Sequence[int] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.samples = samples
         self.transform = transform
         self.indices = list(range(len(samples))) if indices is None else list(indices)
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -151,7 +154,7 @@ class EvalImageDataset(torch.utils.data.Dataset):
         index = self.indices[i]
         path, target = self.samples[index]
         try:
-            image = self.transform(load_image(path))
+            image = self.transform(load_image(path, max_pixels=self.max_pixels))
         except ImageError as exc:
             return EvalSample(index, target, None, exc.problem)
         except Exception as exc:  # a decoder or transform error on one file must not stop the run
@@ -260,7 +263,7 @@ class EvalResult:
     def save_json(self, path: str | os.PathLike) -> Path:
         from vmamba_cli.weights import atomic_write
 
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        text = jsonout.dumps(self.to_dict()) + "\n"
         return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     def save_predictions(self, path: str | os.PathLike) -> Path:
@@ -295,6 +298,21 @@ class EvalResult:
 
 # -- evaluation ----------------------------------------------------------------------------------------
 
+def _check_arguments(resolutions, *, batch_size: int, crop_pct: float | None, limit: int | None,
+                     max_pixels: int) -> None:
+    """Refuse bad evaluation arguments before a process group, a model or a data loader exists."""
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    for resolution in resolutions:
+        check_resolution(resolution)
+    if max_pixels < 1:
+        raise InputError(f"max_pixels must be at least 1, got {max_pixels}")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, got {limit}")
+
+
 def evaluate(
     data_dir: str | os.PathLike,
     model: str | torch.nn.Module | None = None,
@@ -312,6 +330,8 @@ def evaluate(
     predictions: bool = False,
     progress: bool = False,
     distributed: bool | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_non_finite: bool = False,
 ) -> EvalResult:
     """Evaluate a classifier on an image folder (one sub-folder per class).
 
@@ -321,45 +341,50 @@ def evaluate(
     checkpoint records (e.g. the input size a model was trained at), else the registered model's. ``amp`` is an ``--amp`` value (``vmamba_cli.runtime.resolve_amp``).
     ``distributed=None`` joins a torch.distributed group when launched by torchrun (``WORLD_SIZE`` > 1):
     gloo on CPU, nccl on CUDA. Every process returns the same totals; ``result.is_main_process`` says
-    which one should print and write files. ``limit`` keeps the first N images (folder order).
+    which one should print and write files. ``limit`` keeps the first N images (folder order). Images
+    whose header claims more than ``max_pixels`` pixels are failures, never decoded.
     """
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
-    if resolution is not None and resolution < 1:
-        raise InputError(f"resolution must be positive, got {resolution}")
-    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
-        raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be at least 1, got {limit}")
-
+    _check_arguments([resolution], batch_size=batch_size, crop_pct=crop_pct, limit=limit, max_pixels=max_pixels)
     with process_group(device, distributed=distributed) as dist:
-        return _evaluate(data_dir, model, weights, ema=ema, class_names=class_names, resolution=resolution,
+        return _evaluate(data_dir, _load(model, weights, ema, class_names, allow_non_finite), ema=ema, resolution=resolution,
                          crop_pct=crop_pct, dist=dist, batch_size=batch_size, workers=workers,
                          amp_dtype=resolve_amp(amp, dist.device), limit=limit, predictions=predictions,
-                         progress=progress)
+                         progress=progress, max_pixels=max_pixels)
 
 
-def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pct, dist: Dist, batch_size, workers,
-              amp_dtype, limit, predictions, progress) -> EvalResult:
-    dev, rank, world_size = dist.device, dist.rank, dist.world_size
+class _Loaded(NamedTuple):
+    net: torch.nn.Module
+    name: str
+    source: str | None
+    preset: Preprocess
+    class_names: list[str] | None
+
+
+def _load(model, weights, ema: bool, class_names, allow_non_finite: bool = False) -> _Loaded:
     if isinstance(model, torch.nn.Module):
-        net, model_name, source, preset = model, type(model).__name__, None, Preprocess()
         names = list(class_names) if class_names is not None else None
-    else:
-        from vmamba_cli.weights import load_model
+        return _Loaded(model, type(model).__name__, None, Preprocess(), names)
+    from vmamba_cli.weights import load_model
 
-        loaded = load_model(model, weights, ema=ema)
-        net, model_name, source, preset = loaded.model, loaded.name, loaded.source, loaded.preprocess
-        names = list(class_names) if class_names is not None else loaded.class_names
-    preset = preset.with_overrides(input_size=resolution, crop_pct=crop_pct)
+    loaded = load_model(model, weights, ema=ema, allow_non_finite=allow_non_finite)
+    names = list(class_names) if class_names is not None else loaded.class_names
+    return _Loaded(loaded.model, loaded.name, loaded.source, loaded.preprocess, names)
+
+
+def _evaluate(data_dir, loaded: _Loaded, *, ema, resolution, crop_pct, dist: Dist, batch_size, workers,
+              amp_dtype, limit, predictions, progress, max_pixels=DEFAULT_MAX_PIXELS) -> EvalResult:
+    dev, rank, world_size = dist.device, dist.rank, dist.world_size
+    net, model_name, source, names = loaded.net, loaded.name, loaded.source, loaded.class_names
+    preset = loaded.preset.with_overrides(input_size=resolution, crop_pct=crop_pct)
     num_classes = _num_classes(net)
     mapping = map_classes(data_dir, num_classes, names)
     scan = scan_image_folder(data_dir, mapping)
     samples = scan.samples[:limit] if limit else scan.samples
+    _check_memory(net, preset.input_size, max(1, min(batch_size, -(-len(samples) // world_size))), dev)
 
     # Shard by stride, without padding: each image lands on exactly one process.
     dataset = EvalImageDataset(samples, eval_transform(preset),
-                               indices=range(rank, len(samples), world_size))
+                               indices=range(rank, len(samples), world_size), max_pixels=max_pixels)
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // world_size - 1))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -424,8 +449,138 @@ def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pc
     )
 
 
+# -- accuracy against resolution ----------------------------------------------------------------------
+
+@dataclass
+class ResolutionSweep:
+    """One model evaluated at several input sizes (the paper's generalisation-to-resolution test)."""
+
+    label: str                       # how tables and plots name the model (weights file stem by default)
+    results: list[EvalResult]        # one per resolution, in the order asked
+    preset_resolution: int           # the input size of the model's preset (a checkpoint's training size)
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [r.resolution for r in self.results]
+
+    @property
+    def exit_code(self) -> int:
+        return max((r.exit_code for r in self.results), default=EXIT_OK)
+
+    @property
+    def is_main_process(self) -> bool:
+        return all(r.is_main_process for r in self.results)
+
+
+def evaluate_resolutions(
+    data_dir: str | os.PathLike,
+    model: str | torch.nn.Module | None = None,
+    weights: str | os.PathLike | None = None,
+    *,
+    resolutions: Sequence[int | None],
+    label: str | None = None,
+    ema: bool = False,
+    class_names: Sequence[str] | None = None,
+    crop_pct: float | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    amp: str = "auto",
+    limit: int | None = None,
+    progress: bool = False,
+    distributed: bool | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_non_finite: bool = False,
+) -> ResolutionSweep:
+    """:func:`evaluate` at each of ``resolutions`` with the model built and its weights loaded once
+    (None in ``resolutions``: the model's own size, as :func:`evaluate` without a resolution).
+
+    Every resolution uses the same evaluation transform (resize the short side to resolution / crop_pct,
+    center-crop), so the images show the same content at more or fewer pixels, as in the paper's
+    test at larger inputs. VMamba has no position embedding, so one model runs at any size. Under
+    torchrun the counts are exact at every resolution, as for :func:`evaluate`.
+    """
+    resolutions = [None if r is None else int(r) for r in resolutions]
+    if not resolutions:
+        raise InputError("give at least one resolution")
+    _check_arguments(resolutions, batch_size=batch_size, crop_pct=crop_pct, limit=limit, max_pixels=max_pixels)
+
+    with process_group(device, distributed=distributed) as dist:
+        loaded = _load(model, weights, ema, class_names, allow_non_finite)
+        amp_dtype = resolve_amp(amp, dist.device)
+        results = [_evaluate(data_dir, loaded, ema=ema, resolution=r, crop_pct=crop_pct, dist=dist,
+                             batch_size=batch_size, workers=workers, amp_dtype=amp_dtype, limit=limit,
+                             predictions=False, progress=progress, max_pixels=max_pixels) for r in resolutions]
+    if label is None:
+        label = Path(str(loaded.source)).stem if loaded.source else loaded.name
+    return ResolutionSweep(label, results, loaded.preset.input_size)
+
+
+def sweep_document(sweeps: Sequence[ResolutionSweep]) -> dict[str, Any]:
+    """The JSON document of `vmamba eval --json` for one or more models at one or more resolutions.
+
+    ``rows`` is always present: one :meth:`EvalResult.to_dict` per (model, resolution), with ``label``.
+    With one model at one resolution the top level is also that row's document (the shape of a plain
+    `vmamba eval --json`); otherwise the top level holds what the rows share (``data_dir``, ``device``,
+    ``batch_size``, ``world_size``, ``amp``) and the lists ``labels`` and ``resolutions``.
+    """
+    rows = [{"label": sweep.label, **result.to_dict()} for sweep in sweeps for result in sweep.results]
+    if len(rows) == 1:
+        single = {k: v for k, v in rows[0].items() if k != "label"}
+        return {**single, "rows": rows}
+    first = rows[0] if rows else {}
+    return {
+        **{key: first.get(key) for key in ("data_dir", "device", "batch_size", "world_size", "amp")},
+        "labels": [sweep.label for sweep in sweeps],
+        "resolutions": sorted({r for sweep in sweeps for r in sweep.resolutions}),
+        "rows": rows,
+    }
+
+
+def plot_accuracy_vs_resolution(sweeps: Sequence[ResolutionSweep], path: str | os.PathLike,
+                                title: str | None = None) -> Path:
+    """Top-1 against input resolution, one line per model, as a PNG (written atomically). A dotted
+    vertical line marks each model's preset size (the size a `vmamba train` checkpoint was trained at)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vmamba_cli.weights import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for sweep in sweeps:
+        points = sorted((r.resolution, r.top1) for r in sweep.results if r.top1 is not None)
+        if not points:
+            continue
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=sweep.label)
+        ax.axvline(sweep.preset_resolution, color=line.get_color(), linestyle=":", alpha=0.6)
+    resolutions = sorted({r for sweep in sweeps for r in sweep.resolutions})
+    ax.set_xticks(resolutions)
+    ax.set_xlabel("input resolution (pixels; dotted: the model's own size)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    first = sweeps[0].results[0] if sweeps and sweeps[0].results else None
+    ax.set_title(title or (f"accuracy against resolution on {first.data_dir}" if first else ""))
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
 def _json_number(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None  # JSON has no NaN
+
+
+def _check_memory(net: torch.nn.Module, resolution: int, batch_size: int, device: torch.device) -> None:
+    """Refuse a batch whose activations cannot fit (vmamba_cli.runtime.check_memory); models without
+    a VMamba config are estimated with the stem width of vmamba-tiny's patch embedding (96 at 1/4)."""
+    config = getattr(net, "config", None)
+    dims = getattr(config, "dims", None)
+    check_memory(resolution, batch_size, int(dims[0]) if dims else 96, device,
+                 patch_size=int(getattr(config, "patch_size", 4) or 4))
 
 
 def _num_classes(net: torch.nn.Module) -> int:
@@ -438,6 +593,7 @@ def _num_classes(net: torch.nn.Module) -> int:
 
 __all__ = [
     "EXIT_ERROR", "EXIT_IMAGE_FAILURES", "EXIT_OK", "EXIT_USAGE", "ClassMapping", "EvalBatch", "EvalFailure",
-    "EvalImageDataset", "EvalResult", "EvalSample", "Prediction", "class_folders", "collate_eval", "evaluate",
-    "imagenet_wnids", "map_classes", "scan_image_folder",
+    "EvalImageDataset", "EvalResult", "EvalSample", "Prediction", "ResolutionSweep", "class_folders", "collate_eval",
+    "evaluate", "evaluate_resolutions", "imagenet_wnids", "map_classes", "plot_accuracy_vs_resolution",
+    "scan_image_folder", "sweep_document",
 ]

@@ -16,16 +16,17 @@ from typing import Iterable, Sequence
 
 import torch
 
-from vmamba_cli.data import eval_transform, find_images, load_image
+from vmamba_cli.data import DEFAULT_MAX_PIXELS, eval_transform, find_images, load_image
 from vmamba_cli.errors import ImageError, InputError
 from vmamba_cli.model import DEFAULT_MODEL
-from vmamba_cli.runtime import AMP_CHOICES, amp_name, autocast, resolve_amp, select_device
+from vmamba_cli.runtime import (AMP_CHOICES, MAX_RESOLUTION, MIN_RESOLUTION, amp_name, autocast, check_memory,
+                                check_resolution, resolve_amp, select_device)
 from vmamba_cli.weights import LoadedModel, load_model, read_class_names
 
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
-MIN_RESOLUTION = 32
 DEFAULT_AMP = "auto"
+_NONFINITE = "the model's output is not finite (NaN or inf): no prediction"
 
 
 @dataclass
@@ -88,8 +89,15 @@ def _labels_for(loaded, labels: str | os.PathLike | Sequence[str] | None, num_cl
     return [str(n) for n in names]
 
 
-def _load(path: Path, transform) -> torch.Tensor:
-    return transform(load_image(path))
+def _load(path: Path, transform, max_pixels: int) -> torch.Tensor:
+    return transform(load_image(path, max_pixels=max_pixels))
+
+
+def _failure(path: Path, exc: BaseException) -> PredictFailure:
+    """A loader thread's exception as this file's failure: the run goes on with the other images."""
+    if isinstance(exc, ImageError):
+        return PredictFailure(exc.path, exc.problem)
+    return PredictFailure(str(path), f"{type(exc).__name__}: {' '.join(str(exc).split())}")
 
 
 def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, topk: int = DEFAULT_TOPK,
@@ -97,7 +105,8 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
             resolution: int | None = None, crop_pct: float | None = None, amp: str = DEFAULT_AMP,
             ema: bool = False,
             labels: str | os.PathLike | Sequence[str] | None = None, progress: bool = False,
-            workers: int | None = None) -> PredictReport:
+            workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+            allow_non_finite: bool = False) -> PredictReport:
     """Top-``topk`` classes for every image found in ``inputs`` (files, folders, glob patterns).
 
     ``model`` is a registered name (default vmamba-tiny) or an already loaded ``LoadedModel``;
@@ -106,14 +115,17 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     the cache). Images are preprocessed with the model's preset (``LoadedModel.preprocess``: the
     input size and crop a checkpoint recorded); ``resolution`` / ``crop_pct`` override it. ``amp``
     is the precision every command spells the same way (``vmamba_cli.runtime.resolve_amp``: auto,
-    none, bf16, fp16). Bad weights raise ``CheckpointError``; bad images end up in ``report.failures``.
+    none, bf16, fp16). Bad weights raise ``CheckpointError``; bad images end up in ``report.failures``:
+    unreadable files, non-regular files, images over ``max_pixels`` pixels (decompression bombs), any
+    error of a loader thread, and images whose model output is not finite (NaN / inf).
     """
     if topk < 1:
         raise InputError(f"topk must be at least 1, got {topk}")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
-    if resolution is not None and resolution < MIN_RESOLUTION:
-        raise InputError(f"resolution must be at least {MIN_RESOLUTION} pixels, got {resolution}")
+    check_resolution(resolution)
+    if max_pixels < 1:
+        raise InputError(f"max_pixels must be at least 1, got {max_pixels}")
     if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
         raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if amp not in AMP_CHOICES:
@@ -123,7 +135,8 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     if isinstance(model, LoadedModel):
         loaded = model
     else:
-        loaded = load_model(model, weights if weights is not None else (model or DEFAULT_MODEL), ema=ema)
+        loaded = load_model(model, weights if weights is not None else (model or DEFAULT_MODEL), ema=ema,
+                            allow_non_finite=allow_non_finite)
     net = loaded.model.to(dev).eval()
     num_classes = net.config.num_classes
     names = _labels_for(loaded, labels, num_classes)
@@ -132,6 +145,9 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
 
     start = time.perf_counter()
     scan = find_images(inputs)
+    # Before the first forward: the largest batch this run will make must fit in memory.
+    check_memory(preprocess.input_size, max(1, min(batch_size, len(scan.files))), net.config.dims[0], dev,
+                 patch_size=net.config.patch_size)
     report = PredictReport(model=loaded.name, weights=loaded.source, device=str(dev),
                            resolution=preprocess.input_size, crop_pct=preprocess.crop_pct, topk=k,
                            amp=amp_name(amp_dtype))
@@ -146,7 +162,7 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     workers = workers or min(8, os.cpu_count() or 1)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool, torch.inference_mode():
         batches = [scan.files[i:i + batch_size] for i in range(0, len(scan.files), batch_size)]
-        submit = lambda paths: [pool.submit(_load, p, transform) for p in paths]  # noqa: E731
+        submit = lambda paths: [pool.submit(_load, p, transform, max_pixels) for p in paths]  # noqa: E731
         upcoming = submit(batches[0]) if batches else []
         for number, paths in enumerate(batches):
             # Decode the next batch in the threads while this one runs through the model.
@@ -156,15 +172,19 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
                 try:
                     tensors.append(future.result())
                     kept.append(path)
-                except ImageError as exc:
-                    report.failures.append(PredictFailure(exc.path, exc.problem))
+                except Exception as exc:  # noqa: BLE001 -- one file's failure, whatever it is
+                    report.failures.append(_failure(path, exc))
             if tensors:
                 batch = torch.stack(tensors).to(dev, non_blocking=True)
                 with autocast(dev, amp_dtype):
-                    logits = net(batch)
-                probs = logits.float().softmax(dim=-1)
-                values, indices = probs.topk(k, dim=-1)
-                for path, vals, idxs in zip(kept, values.tolist(), indices.tolist()):
+                    logits = net(batch).float()
+                finite = torch.isfinite(logits).all(dim=-1).tolist()
+                values, indices = logits.softmax(dim=-1).topk(k, dim=-1)
+                for path, ok, vals, idxs in zip(kept, finite, values.tolist(), indices.tolist()):
+                    if not ok:
+                        report.failures.append(PredictFailure(str(path), _NONFINITE + (
+                            "; try --amp none" if amp_dtype is not None else "")))
+                        continue
                     report.predictions.append(Prediction(
                         str(path), [ClassScore(i, names[i], p) for i, p in zip(idxs, vals)]))
             bar.update(len(paths))
@@ -172,4 +192,5 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     return report
 
 
-__all__ = ["ClassScore", "Prediction", "PredictFailure", "PredictReport", "predict"]
+__all__ = ["MAX_RESOLUTION", "MIN_RESOLUTION", "ClassScore", "Prediction", "PredictFailure", "PredictReport",
+           "predict"]

@@ -44,10 +44,12 @@ import torch.nn.functional as F
 
 from vmamba_cli.flops import count_flops
 from vmamba_cli.runtime import autocast
+from vmamba_cli.peers import build_peer, is_vit
 
 __all__ = [
     "profile", "environment", "measure", "measure_bandwidth", "peer_flops", "is_out_of_memory",
     "MeasureTask", "ProfileOptions", "PeakMemory", "DTYPES", "RATIO_METRICS", "is_torchvision_model",
+    "fit_exponent", "crossover", "scaling_report", "describe_crossover", "plot_scaling",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -347,6 +349,9 @@ def _check_peers(names: Iterable[str]) -> None:
     import torchvision
 
     for name in names:
+        if ":" in name:
+            raise ValueError(f"--compare {name}: profile builds peers with random weights (speed and memory do "
+                             f"not depend on them); drop ':{name.partition(':')[2]}'")
         if not is_torchvision_model(name):
             import difflib
 
@@ -356,15 +361,13 @@ def _check_peers(names: Iterable[str]) -> None:
             raise ValueError(f"unknown torchvision model {name!r} for --compare{hint}")
 
 
-def _peer_kwargs(name: str, resolution: int) -> dict:
-    # ViTs have a fixed position-embedding grid: build one for this input size.
-    return {"image_size": resolution} if name.startswith("vit_") else {}
+def _peer_size(name: str, resolution: int) -> int | None:
+    """The size a peer is built for: ViTs have a fixed position grid, so one per resolution."""
+    return resolution if is_vit(name) else None
 
 
-def _build_peer(name: str, resolution: int, device=None) -> nn.Module:
-    import torchvision
-
-    return torchvision.models.get_model(name, weights=None, **_peer_kwargs(name, resolution))
+def _build_peer(name: str, resolution: int) -> nn.Module:
+    return build_peer(name, image_size=_peer_size(name, resolution))
 
 
 _PEER_FLOPS: dict = {}
@@ -395,7 +398,7 @@ class _ModelSlot:
         self._key = None
 
     def get(self, resolution: int) -> nn.Module:
-        key = resolution if (self.family == "torchvision" and _peer_kwargs(self.name, resolution)) else None
+        key = _peer_size(self.name, resolution) if self.family == "torchvision" else None
         if self._model is None or key != self._key:
             self.release()
             if self.family == "vmamba":
@@ -651,8 +654,175 @@ def flatten_row(row: dict) -> dict:
     return flat
 
 
-def plot_scaling(rows: list[dict], path, title: str | None = None):
-    """Images/s and peak memory against resolution for every model (the paper's scaling figure)."""
+# ------------------------------------------------------------------------------------------------
+# Cost against pixel count: fitted exponents and crossovers
+# ------------------------------------------------------------------------------------------------
+
+# (row field, name in the report, how a value becomes a cost): time per image is 1 / images/s.
+SCALING_METRICS = (
+    ("flops", "flops", lambda v: v),
+    ("images_per_s", "time", lambda v: 1.0 / v),
+    ("peak_memory_mb", "memory", lambda v: v),
+    ("train_images_per_s", "train_time", lambda v: 1.0 / v),
+    ("train_peak_memory_mb", "train_memory", lambda v: v),
+)
+# Crossovers are named for these: (row field, higher is better).
+CROSSOVER_METRICS = (("images_per_s", True), ("peak_memory_mb", False))
+
+
+def fit_exponent(pixels: Sequence[float], costs: Sequence[float]) -> dict | None:
+    """Least-squares slope of log(cost) against log(pixels): cost ~ a * pixels ** exponent.
+
+    About 1 for a cost linear in pixel count, 2 for one quadratic in it (global attention once the
+    attention term dominates). Points with a non-positive or missing cost are left out. Returns
+    ``{"exponent", "r2", "points"}``, or None with fewer than two distinct pixel counts.
+    """
+    pts = [(float(p), float(c)) for p, c in zip(pixels, costs)
+           if p is not None and c is not None and p > 0 and c > 0 and math.isfinite(c)]
+    if len({p for p, _ in pts}) < 2:
+        return None
+    xs = [math.log(p) for p, _ in pts]
+    ys = [math.log(c) for _, c in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx
+    syy = sum((y - my) ** 2 for y in ys)
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    r2 = 1.0 - residual / syy if syy > 0 else 1.0
+    return {"exponent": slope, "r2": r2, "points": len(pts)}
+
+
+def crossover(points: Sequence[tuple[int, float | None, float | None]], higher_is_better: bool) -> dict:
+    """Where the reference (VMamba) overtakes a peer, from ``(resolution, reference value, peer value)``.
+
+    A value of None means that side did not fit in memory at that resolution (it counts as
+    infinitely worse); points where both are None are dropped. The reference is *ahead* at a
+    resolution when it is strictly better there. Result ``status``:
+
+    * ``"ahead_throughout"``: ahead at every resolution measured;
+    * ``"overtakes"``: behind at some resolution and ahead from ``resolution`` on to the largest;
+      ``estimated_resolution`` interpolates the point of equality linearly in log(ratio) against
+      log(pixels) between the last resolution behind and ``resolution`` (None when one side was OOM);
+    * ``"behind_at_largest"``: not ahead at the largest resolution measured (it may have been ahead
+      in between); ``"no_data"`` when nothing is comparable.
+
+    ``advantage`` per resolution is reference/peer for higher-is-better metrics and peer/reference
+    otherwise (above 1: the reference is better; inf/0 when one side was OOM).
+    """
+    rows = sorted((r, a, b) for r, a, b in points if not (a is None and b is None))
+    if not rows:
+        return {"status": "no_data", "resolution": None, "estimated_resolution": None, "advantage": []}
+
+    def advantage(a, b):
+        if a is None:
+            return 0.0
+        if b is None:
+            return math.inf
+        good, bad = (a, b) if higher_is_better else (b, a)
+        return good / bad if bad > 0 else math.inf
+
+    adv = [advantage(a, b) for _, a, b in rows]
+    ahead = [x > 1.0 for x in adv]
+    table = [{"resolution": r, "advantage": x} for (r, _, _), x in zip(rows, adv)]
+    if all(ahead):
+        return {"status": "ahead_throughout", "resolution": None, "estimated_resolution": None,
+                "advantage": table}
+    if not ahead[-1]:
+        return {"status": "behind_at_largest", "resolution": None, "estimated_resolution": None, "advantage": table}
+    first = max(i for i, a in enumerate(ahead) if not a) + 1
+    estimate = None
+    lo, hi = adv[first - 1], adv[first]
+    if 0 < lo and math.isfinite(hi):
+        x0, x1 = 2 * math.log(rows[first - 1][0]), 2 * math.log(rows[first][0])
+        y0, y1 = math.log(lo), math.log(hi)
+        estimate = math.exp((x0 + (0.0 - y0) * (x1 - x0) / (y1 - y0)) / 2) if y1 != y0 else None
+    return {"status": "overtakes", "resolution": rows[first][0], "estimated_resolution": estimate,
+            "advantage": table}
+
+
+def _fit_rows(rows: list[dict], field: str) -> list[dict]:
+    """Rows of one model usable for ``field``; memory only at the model's most common batch size
+    (an OOM retry at a smaller batch would otherwise bend the curve)."""
+    if field == "flops":  # counted, not measured: known for rows that ran out of memory too
+        return [r for r in rows if r.get("flops") is not None]
+    ok = [r for r in rows if r.get(field) is not None and r.get("status") == "ok"]
+    if "memory" in field and ok:
+        key = "train_batch_size" if field.startswith("train") else "batch_size"
+        sizes = [r.get(key) for r in ok]
+        common = max(set(sizes), key=lambda b: (sizes.count(b), b or 0))
+        ok = [r for r in ok if r.get(key) == common]
+    return ok
+
+
+def scaling_report(rows: list[dict]) -> dict:
+    """Exponents of cost against pixel count per model, and where VMamba overtakes each peer.
+
+    ``models``: one entry per model with ``flops_exponent`` (from the counted FLOPs: machine-free),
+    ``time_exponent``, ``memory_exponent`` (and the training ones when measured): ``fit_exponent``
+    over the resolutions where the model ran. ``crossovers``:
+    one entry per other model against the reference (the first VMamba model) for images/s and for
+    peak memory (``crossover``); a row that ran out of memory counts as the worse side. Memory is
+    compared only where both rows ran at the same batch size.
+    """
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    reference = next((r["model"] for r in rows if r.get("family") == "vmamba"), None)
+    models = []
+    for name in names:
+        mine = [r for r in rows if r["model"] == name]
+        entry = {"model": name, "family": mine[0].get("family"),
+                 "resolutions": [r["resolution"] for r in mine if r.get("status") == "ok"]}
+        for field, label, cost in SCALING_METRICS:
+            usable = _fit_rows(mine, field)
+            fit = fit_exponent([r["resolution"] ** 2 for r in usable], [cost(r[field]) for r in usable])
+            if fit is None and field.startswith("train"):
+                continue
+            entry[f"{label}_exponent"] = None if fit is None else fit["exponent"]
+            entry[f"{label}_fit"] = fit
+        models.append(entry)
+    crossovers = []
+    if reference is not None:
+        ref_rows = {r["resolution"]: r for r in rows if r["model"] == reference}
+        for name in names:
+            if name == reference:
+                continue
+            entry = {"model": name, "reference": reference}
+            for field, higher in CROSSOVER_METRICS:
+                points = []
+                for r in (r for r in rows if r["model"] == name):
+                    ref = ref_rows.get(r["resolution"])
+                    if ref is None or "error" == r.get("status") or "error" == ref.get("status"):
+                        continue
+                    a = ref.get(field) if ref.get("status") == "ok" else None
+                    b = r.get(field) if r.get("status") == "ok" else None
+                    if ref.get("status") == "ok" and a is None or r.get("status") == "ok" and b is None:
+                        continue  # measured but without this field (e.g. memory unavailable)
+                    if field == "peak_memory_mb" and a is not None and b is not None \
+                            and ref.get("batch_size") != r.get("batch_size"):
+                        continue
+                    points.append((r["resolution"], a, b))
+                entry[field] = crossover(points, higher)
+            crossovers.append(entry)
+    return {"reference": reference, "cost": "time per image = 1 / images_per_s; memory = peak_memory_mb",
+            "fit": "least squares of log(cost) on log(pixels)", "models": models, "crossovers": crossovers}
+
+
+def describe_crossover(result: dict) -> str:
+    """A table cell for one ``crossover`` result."""
+    status = result["status"]
+    if status == "ahead_throughout":
+        return "ahead throughout"
+    if status == "overtakes":
+        estimate = result.get("estimated_resolution")
+        return f"from {result['resolution']}" + (f" (~{estimate:.0f})" if estimate else "")
+    if status == "behind_at_largest":
+        return "not within range"
+    return "-"
+
+
+def plot_scaling(rows: list[dict], path, title: str | None = None, report: dict | None = None):
+    """Time per image and peak memory against pixel count, log-log, one line per model; the legend
+    carries each model's fitted exponents, and dotted guides show slopes 1 and 2."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -660,25 +830,39 @@ def plot_scaling(rows: list[dict], path, title: str | None = None):
 
     from vmamba_cli.weights import atomic_write
 
-    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    report = report or scaling_report(rows)
+    exponents = {m["model"]: m for m in report["models"]}
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4), dpi=90)
     models = list(dict.fromkeys(r["model"] for r in rows))
     for name in models:
         mine = [r for r in rows if r["model"] == name]
         style = "-o" if mine[0]["family"] == "vmamba" else "--s"
-        pts = [(r["resolution"], r.get("images_per_s")) for r in mine if r.get("images_per_s")]
-        if pts:
-            ax_speed.plot(*zip(*pts), style, label=name, markersize=4)
-        pts = [(r["resolution"], r.get("peak_memory_mb")) for r in mine if r.get("peak_memory_mb") is not None]
-        if pts:
-            ax_mem.plot(*zip(*pts), style, label=name, markersize=4)
-    resolutions = sorted({r["resolution"] for r in rows})
-    for ax, label in ((ax_speed, "images / s"), (ax_mem, "peak memory (MiB)")):
-        ax.set_xlabel("resolution (px)")
-        ax.set_ylabel(label)
+        for ax, field, cost, key in ((ax_time, "images_per_s", lambda v: 1e3 / v, "time_exponent"),
+                                     (ax_mem, "peak_memory_mb", lambda v: v, "memory_exponent")):
+            pts = [(r["resolution"] ** 2, cost(r[field])) for r in _fit_rows(mine, field) if r[field] > 0]
+            if pts:
+                exponent = exponents.get(name, {}).get(key)
+                label = name + ("" if exponent is None else f" (slope {exponent:.2f})")
+                ax.plot(*zip(*pts), style, label=label, markersize=4)
+    pixels = sorted({r["resolution"] ** 2 for r in rows})
+    for ax, label in ((ax_time, "time per image (ms)"), (ax_mem, "peak memory (MiB)")):
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(resolutions)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_speed.legend(fontsize=7)
+        lines = ax.get_lines()
+        if lines and len(pixels) > 1:
+            y0 = min(float(line.get_ydata()[0]) for line in lines)
+            for slope, text in ((1, "slope 1"), (2, "slope 2")):
+                ax.plot(pixels, [y0 * (p / pixels[0]) ** slope for p in pixels], ":", color="grey",
+                        linewidth=0.8)
+                ax.annotate(text, (pixels[-1], y0 * (pixels[-1] / pixels[0]) ** slope), fontsize=7,
+                            color="grey", ha="right", va="bottom")
+        ax.set_xticks(pixels, [f"{round(p ** 0.5)}²" for p in pixels], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("pixels (resolution²)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="major", alpha=0.3)
+        if lines:
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -30,7 +30,7 @@ class ConversionResult:
 
 
 def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, *, model: str | None = None,
-                       ema: bool = False) -> ConversionResult:
+                       ema: bool = False, allow_non_finite: bool = False) -> ConversionResult:
     """Convert ``source`` (an official ``.pth``, a registry name or URL) to our safetensors ``destination``.
 
     The model comes from ``model`` or, for the nine official file names, from the file name. The
@@ -49,7 +49,7 @@ def convert_checkpoint(source: str | os.PathLike, destination: str | os.PathLike
     if name is None:
         raise InputError(f"{source_path}: cannot tell which model this file holds from its name; "
                          "pass --model NAME (`vmamba models` lists them)")
-    loaded = load_model(name, source_path, ema=ema)
+    loaded = load_model(name, source_path, ema=ema, allow_non_finite=allow_non_finite)
     extra = {
         "source_file": source_path.name,
         "source_sha256": sha256_of(source_path),

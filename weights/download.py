@@ -1,12 +1,17 @@
 """Downloading weights files safely: stream to a temporary file beside the target, check size, content
 and SHA-256, and rename only then, so that an interrupted or corrupt download leaves nothing behind.
 
+A download that stops making progress is ended by a ``StallRule`` (no data for a while, or too few
+bytes over a window), so a trickling server cannot hold it open. Temporary files carry the id of the
+process writing them; those of processes that are gone (killed hard) are removed on the next download.
+
 ``Sha256Store`` is the small JSON file (``sha256.json`` in the cache folder) that remembers the hash of
 every file the first time it was downloaded, so a later download or a cached copy that differs is caught.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import hashlib
 import http.client
@@ -17,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +31,22 @@ from .loading import CheckpointError, atomic_write
 CHUNK_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 30.0
 _STALE_PART_AGE_S = 24 * 3600
+_REDIRECT_CODES = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class StallRule:
+    """When a download counts as stalled: no byte for ``idle_s`` seconds, or fewer than
+    ``min_bytes_per_s`` on average over the last ``window_s`` seconds (checked once the download has
+    run that long). A trickle of a few bytes per second passes every per-read timeout; the rate
+    floor ends it."""
+
+    idle_s: float = 30.0
+    min_bytes_per_s: float = 1024.0
+    window_s: float = 60.0
+
+
+DEFAULT_STALL = StallRule()
 
 
 class DownloadError(CheckpointError):
@@ -82,15 +104,60 @@ class Sha256Store:
             atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
+def _part_owner_gone(part: Path) -> bool:
+    """True when the process id in a temporary file's name (``.<name>.<pid>.<random>.part``) is not running."""
+    fields = part.name[: -len(".part")].rsplit(".", 2)
+    if len(fields) != 3 or not fields[1].isdigit():
+        return False
+    pid = int(fields[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
+
+
 def _remove_stale_parts(dest: Path) -> None:
-    """Temp files of downloads killed hard (SIGKILL, power loss) are swept up after a day."""
+    """Remove temporary files of earlier downloads of ``dest`` that were killed hard (SIGKILL, power
+    loss): those whose writing process is gone, and any older than a day (another machine's, or
+    written before file names carried the process id)."""
     now = time.time()
     for part in dest.parent.glob(f".{dest.name}.*.part"):
         try:
-            if now - part.stat().st_mtime > _STALE_PART_AGE_S:
+            if _part_owner_gone(part) or now - part.stat().st_mtime > _STALE_PART_AGE_S:
                 part.unlink()
         except OSError:
             pass
+
+
+class _StallWatch:
+    """Applies a StallRule to the byte counts of one download."""
+
+    def __init__(self, rule: StallRule):
+        self.rule = rule
+        self.start = time.monotonic()
+        self.samples: collections.deque[tuple[float, int]] = collections.deque([(self.start, 0)])
+
+    def check(self, received: int) -> str | None:
+        """Why the download counts as stalled at ``received`` bytes, else None."""
+        now = time.monotonic()
+        self.samples.append((now, received))
+        window = self.rule.window_s
+        if now - self.start < window:
+            return None
+        while len(self.samples) > 1 and self.samples[1][0] <= now - window:
+            self.samples.popleft()
+        then, before = self.samples[0]
+        span = now - then
+        rate = (received - before) / span if span > 0 else float("inf")
+        if rate < self.rule.min_bytes_per_s:
+            return (f"too slow: {rate / 1024:.2f} KiB/s over the last {span:.0f} s, below the floor of "
+                    f"{self.rule.min_bytes_per_s / 1024:.2f} KiB/s")
+        return None
 
 
 def _progress_bar(total: int | None, name: str, enabled: bool):
@@ -103,21 +170,24 @@ def _progress_bar(total: int | None, name: str, enabled: bool):
 
 def download_file(url: str, dest: str | os.PathLike, *, name: str | None = None,
                   verify: Callable[[Path], None] | None = None, expected_sha256: str | None = None,
-                  progress: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> str:
+                  progress: bool = True, timeout: float = DEFAULT_TIMEOUT_S,
+                  stall: StallRule = DEFAULT_STALL) -> str:
     """Download ``url`` to ``dest`` and return its SHA-256.
 
-    The bytes go to ``.<dest name>.<random>.part`` in ``dest``'s folder; the file is renamed to ``dest``
+    The bytes go to ``.<dest name>.<pid>.<random>.part`` in ``dest``'s folder; the file is renamed to ``dest``
     only after the byte count matches Content-Length, ``verify(tmp_path)`` passed (it raises
     ``CheckpointError`` for a file that cannot be used) and the hash equals ``expected_sha256`` (when
     given). On any failure, Ctrl-C included, the temporary file is removed and ``dest`` is untouched.
-    Errors are ``NetworkError`` (server unreachable) or ``DownloadError``, both naming ``name``.
+    ``stall`` ends a download that stops making progress (see ``StallRule``); ``timeout`` bounds the
+    connection and each read. Errors are ``NetworkError`` (server unreachable) or ``DownloadError``
+    (HTTP error, redirect loop, stall, interruption, bad content), one line naming ``name``.
     """
     dest = Path(dest)
     name = name or dest.name
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_parts(dest)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".part", dir=dest.parent)
     except OSError as exc:
         raise DownloadError(name, f"cannot write to the cache folder {dest.parent} ({_reason(exc)}); "
                                   "set VMAMBA_HOME to a writable folder") from None
@@ -127,10 +197,18 @@ def download_file(url: str, dest: str | os.PathLike, *, name: str | None = None,
 
         request = urllib.request.Request(url, headers={"User-Agent": f"vmamba/{__version__}"})
         try:
-            response = urllib.request.urlopen(request, timeout=timeout)
+            response = urllib.request.urlopen(request, timeout=min(timeout, stall.idle_s))
         except urllib.error.HTTPError as exc:
+            # urllib gives up on a redirect chain that repeats a URL or grows too long with an
+            # HTTPError whose several-line message says "infinite loop".
+            if exc.code in _REDIRECT_CODES and "infinite loop" in str(exc.msg):
+                target = exc.headers.get("Location") if exc.headers else None
+                raise DownloadError(name, f"cannot download {url}: the server redirects in a loop (HTTP {exc.code}"
+                                          f"{f', last to {target}' if target else ''})") from None
             raise DownloadError(name, f"cannot download {url}: the server answered HTTP {exc.code} "
-                                      f"{exc.reason}") from None
+                                      f"{_reason(exc)}") from None
+        except TimeoutError:
+            raise NetworkError(name, f"cannot download {url} (no answer within {min(timeout, stall.idle_s):g} s)") from None
         except (urllib.error.URLError, OSError) as exc:
             raise NetworkError(name, f"cannot download {url} (no connection: {_reason(exc)})") from None
         digest = hashlib.sha256()
@@ -139,14 +217,24 @@ def download_file(url: str, dest: str | os.PathLike, *, name: str | None = None,
             fd = None
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+            watch = _StallWatch(stall)
             with _progress_bar(total, name, progress) as bar:
                 try:
-                    while chunk := response.read(CHUNK_BYTES):
+                    # read1 returns what one socket read brings, so the stall rule sees a trickle as
+                    # it arrives (read(n) would wait for all n bytes).
+                    while chunk := response.read1(CHUNK_BYTES):
                         out.write(chunk)
                         digest.update(chunk)
                         received += len(chunk)
                         bar.update(len(chunk))
-                except (OSError, http.client.HTTPException, ValueError) as exc:  # reset, timeout, IncompleteRead
+                        stalled = watch.check(received)
+                        if stalled:
+                            raise DownloadError(name, f"download from {url} stalled after {_mb(received)} "
+                                                      f"({stalled}); nothing was kept, try again")
+                except TimeoutError:
+                    raise DownloadError(name, f"download from {url} stalled after {_mb(received)} (no data for "
+                                              f"{min(timeout, stall.idle_s):g} s); nothing was kept, try again") from None
+                except (OSError, http.client.HTTPException, ValueError) as exc:  # reset, IncompleteRead
                     raise DownloadError(name, f"download from {url} interrupted after {_mb(received)} "
                                               f"({_reason(exc)}); nothing was kept, try again") from None
         if total is not None and received != total:

@@ -20,7 +20,8 @@ from vmamba_cli.model import (DEFAULT_MODEL, MODELS, Preprocess, VMambaConfig, V
                               resolve_model_name)
 from vmamba_cli.model import create_model as _build_model
 
-from .loading import CheckpointError, load_weights_into, read_metadata, save_weights
+from .loading import (CheckpointError, check_regular_file, config_from_metadata, load_weights_into, read_metadata,
+                      save_weights)
 from .registry import model_for_file, resolve as _resolve_registry
 
 
@@ -74,7 +75,7 @@ def _is_ours(path: Path) -> bool:
 
 
 def load_model(model: str | None = None, weights: str | os.PathLike | None = None, *, ema: bool = False,
-               num_classes: int | None = None) -> LoadedModel:
+               num_classes: int | None = None, allow_non_finite: bool = False) -> LoadedModel:
     """Build a model and load weights strictly.
 
     * ``weights`` is one of our safetensors files: the architecture comes from its metadata
@@ -83,7 +84,8 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
       gives the architecture.
     * ``weights`` is None: the official random initialisation.
     ``num_classes`` replaces the head after loading (fine-tuning). ``preprocess`` of the result is
-    the preset recorded in the file, else the registered model's.
+    the preset recorded in the file, else the registered model's. Weights holding NaN / Inf are
+    refused unless ``allow_non_finite``.
     """
     name = resolve_model_name(model) if model else None
     metadata: dict[str, Any] = {}
@@ -92,22 +94,23 @@ def load_model(model: str | None = None, weights: str | os.PathLike | None = Non
         net = _build_model(name or DEFAULT_MODEL)
         name = name or resolve_model_name(DEFAULT_MODEL)
     else:
-        path = resolve_weights_path(weights, name)
+        path = check_regular_file(resolve_weights_path(weights, name))
         source = str(path)
         if _is_ours(path):
             metadata = read_metadata(path)
             stored = metadata.get("model", "custom")
             if name and stored not in ("custom", name):
                 raise CheckpointError(path, f"holds {stored} weights, not {name}")
+            config = config_from_metadata(path, metadata)
             try:
-                net = VSSM(VMambaConfig.from_dict(metadata["config"]))
+                net = VSSM(VMambaConfig.from_dict(config))
             except (TypeError, ValueError, AttributeError) as exc:
                 raise CheckpointError(path, f"bad model config in its metadata ({' '.join(str(exc).split())})") from None
             name = stored
         else:
             name = name or model_for_file(path.name) or resolve_model_name(DEFAULT_MODEL)
             net = _build_model(name)
-        load_weights_into(net, path, ema=ema, what=name)
+        load_weights_into(net, path, ema=ema, what=name, allow_non_finite=allow_non_finite)
     class_names = metadata.get("class_names") if isinstance(metadata.get("class_names"), list) else None
     if class_names is None and net.config.num_classes == 1000:
         class_names = imagenet_class_names()

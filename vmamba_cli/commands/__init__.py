@@ -2,4 +2,4 @@
 (parse options, call a library function, print)."""
 
 # Modules listed here are registered in this order; each adds its own command(s).
-COMMAND_MODULES = ("models", "predict", "weights", "eval", "train", "profile", "erf")
+COMMAND_MODULES = ("models", "predict", "weights", "eval", "train", "profile", "erf", "export")

@@ -9,6 +9,7 @@ import sys
 import typer
 from rich.console import Console
 
+from vmamba_cli import jsonout
 from vmamba_cli.errors import EXIT_ERROR, VMambaError
 
 # Human output goes to stderr so that stdout stays parseable (`--json | jq`).
@@ -57,8 +58,19 @@ def resolve_device(device: str):
         raise fail(str(exc)) from None
 
 
-def print_json(obj) -> None:
-    import json
+ALLOW_NON_FINITE_HELP = "Load weights that hold NaN / Inf values (refused by default: they give NaN outputs)."
+MAX_PIXELS_HELP = ("Refuse images whose header claims more pixels than this, before decoding them "
+                   "(decompression bombs); the default is Pillow's limit, about 9459x9459.")
 
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+def print_json(obj) -> None:
+    """One strict JSON document on stdout: non-finite numbers are written as null and reported on
+    stderr, so that the output always parses (``jq``, ``json.loads``)."""
+    clean, replaced = jsonout.finite(obj)
+    sys.stdout.write(jsonout.dumps(clean) + "\n")
     sys.stdout.flush()
+    if replaced:
+        more = f" (and {len(replaced) - 3} more)" if len(replaced) > 3 else ""
+        console.print(f"[yellow]warning:[/] {len(replaced)} non-finite number(s) written as null in the JSON "
+                      f"output: {', '.join(replaced[:3])}{more}", highlight=False, soft_wrap=True)
+

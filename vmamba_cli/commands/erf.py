@@ -1,4 +1,4 @@
-"""`vmamba erf`: effective receptive field heat maps, measured and rendered (spec §8)."""
+"""`vmamba erf`: effective receptive field heat maps, measured and rendered (docs/design.md §8)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from vmamba_cli.commands._common import console, fail, print_json, resolve_devic
 from vmamba_cli.erf import (AREA_THRESHOLDS, DEFAULT_NUM_IMAGES, DEFAULT_RESOLUTION, NORM_LABELS, NORMS,
                             InputSource, PanelResult, compute_panels, erf_report, folder_source, panel_specs,
                             render_erf, save_erf_maps)
+from vmamba_cli.runtime import check_output_file
 
 
 def _split(values: Optional[List[str]]) -> list[str]:
@@ -57,9 +58,15 @@ def register(app: typer.Typer) -> None:
         save_map: Optional[str] = typer.Option(None, "--save-map", show_default=False,
                                                help="Also save the raw averaged maps (.npy or .safetensors)."),
         compare: Optional[List[str]] = typer.Option(None, "--compare", show_default=False,
-                                                    help="torchvision models with random weights to put beside: "
-                                                         "--compare resnet50 convnext_tiny swin_t (or comma-"
-                                                         "separated, or repeated). ResNet/ConvNeXt/Swin families."),
+                                                    help="torchvision models to put beside: NAME (random init) or "
+                                                         "NAME:TAG (torchvision's released weights, from its cache), "
+                                                         "e.g. --compare resnet50:IMAGENET1K_V2 convnext_tiny:DEFAULT "
+                                                         "swin_t vit_b_16:DEFAULT (or comma-separated, or repeated). "
+                                                         "ResNet/ConvNeXt/Swin/ViT families."),
+        download: bool = typer.Option(False, "--download",
+                                      help="Let torchvision download --compare weights missing from its cache "
+                                           "(needs a network); without it a missing file is an error naming "
+                                           "the file and the folder to put it in."),
         before_after: bool = typer.Option(False, "--before-after",
                                           help="Show each --model twice: fresh init and its --weights."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -83,6 +90,9 @@ def register(app: typer.Typer) -> None:
         if norm not in NORMS:
             raise fail(f"--norm must be one of {', '.join(NORMS)}, not {norm!r}")
         dev = resolve_device(device)
+        for path in (out, save_map):  # before the work, not after it
+            if path is not None:
+                check_output_file(path)
         errors: list[str] = []
 
         def report_error(message: str) -> None:
@@ -106,7 +116,7 @@ def register(app: typer.Typer) -> None:
                 console.print(f"note: {source.describe()}: averaging {source.available} instead of {num_images}",
                               highlight=False)
             results = _compute(specs, source, num_images=num_images, norm=norm, device=dev, seed=seed,
-                               scan_backend=scan_backend, on_error=report_error)
+                               scan_backend=scan_backend, download=download, on_error=report_error)
             panels = [(r.spec.title, r.normalised) for r in results]
             render_erf(panels, out, colorbar_label=NORM_LABELS[norm])
             if save_map:

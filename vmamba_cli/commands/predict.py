@@ -8,8 +8,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from vmamba_cli.commands._common import console, print_json, resolve_device
-from vmamba_cli.predict import DEFAULT_AMP, DEFAULT_BATCH_SIZE, DEFAULT_TOPK, MIN_RESOLUTION, PredictReport, predict
+from vmamba_cli.commands._common import ALLOW_NON_FINITE_HELP, MAX_PIXELS_HELP, console, print_json, resolve_device
+from vmamba_cli.data import DEFAULT_MAX_PIXELS, MAX_PIXELS_CEILING
+from vmamba_cli.predict import (DEFAULT_AMP, DEFAULT_BATCH_SIZE, DEFAULT_TOPK, MAX_RESOLUTION, MIN_RESOLUTION,
+                                PredictReport, predict)
 from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP
 
 
@@ -56,7 +58,8 @@ def register(app: typer.Typer) -> None:
         topk: int = typer.Option(DEFAULT_TOPK, "--topk", "-k", min=1, help="Classes shown per image."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Images per forward."),
-        resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=MIN_RESOLUTION, show_default=False,
+        resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=MIN_RESOLUTION, max=MAX_RESOLUTION,
+                                                 show_default=False,
                                                  help="Input size fed to the model \\[default: the model's preset: "
                                                       "the size a checkpoint was trained at, else 224]."),
         crop_pct: Optional[float] = typer.Option(None, "--crop-pct", min=0.01, max=1.0,
@@ -69,13 +72,16 @@ def register(app: typer.Typer) -> None:
                                               help="Class names: text file (one per line) or JSON list "
                                                    "\\[default: from the checkpoint, else ImageNet-1k]."),
         ema: bool = typer.Option(False, "--ema", help="Use the model_ema entry of an official .pth."),
+        allow_non_finite: bool = typer.Option(False, "--allow-non-finite", help=ALLOW_NON_FINITE_HELP),
+        max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, max=MAX_PIXELS_CEILING,
+                                       help=MAX_PIXELS_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     ):
         """Classify images: top-k classes with probabilities. Exit status 1 when any input failed."""
         dev = resolve_device(device)
         report = predict(images, model=model, weights=weights, topk=topk, device=dev, batch_size=batch_size,
                          resolution=resolution, crop_pct=crop_pct, amp=amp, ema=ema, labels=labels,
-                         progress=console.is_terminal)
+                         progress=console.is_terminal, max_pixels=max_pixels, allow_non_finite=allow_non_finite)
         if json_out:
             print_json(report.to_dict())
             for failure in report.failures:

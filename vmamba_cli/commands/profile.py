@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperCommand
 
 from vmamba_cli.commands._common import console, fail, print_json, resolve_device, user_errors
-from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP, resolve_amp
+from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP, check_output_file, resolve_amp
 
 # Options that take several values; `--resolution 224 512` is read as `--resolution 224 --resolution 512`.
 _MULTI_VALUE_OPTIONS = ("--model", "-m", "--resolution", "-r", "--compare")
@@ -100,6 +100,42 @@ def _print_table(rows: list[dict], env: dict, command: str, train: bool) -> None
     (console if console.is_terminal else Console(stderr=True, width=170)).print(table)
 
 
+def _print_scaling(report: dict, train: bool) -> None:
+    from rich.table import Table
+
+    from vmamba_cli.profile import describe_crossover
+
+    ref = report["reference"]
+    table = Table(title="cost against pixel count: fitted exponent of log cost on log pixels (1 linear, 2 quadratic)"
+                        + (f"; where {ref} overtakes each model" if ref else ""))
+    columns = ["model", "resolutions", "FLOPs exp", "time exp", "memory exp"]
+    if train:
+        columns.append("train time exp")
+    if ref:
+        columns += [f"{ref} ahead in img/s", "ahead in memory"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("model", "resolutions") else "right")
+    crossings = {c["model"]: c for c in report["crossovers"]}
+
+    def exp(entry, key):
+        value = entry.get(key)
+        return "-" if value is None else f"{value:.2f}"
+
+    for entry in report["models"]:
+        cells = [entry["model"], " ".join(map(str, entry["resolutions"])) or "-", exp(entry, "flops_exponent"),
+                 exp(entry, "time_exponent"), exp(entry, "memory_exponent")]
+        if train:
+            cells.append(exp(entry, "train_time_exponent"))
+        if ref:
+            c = crossings.get(entry["model"])
+            cells += ["reference", ""] if c is None else [describe_crossover(c["images_per_s"]),
+                                                          describe_crossover(c["peak_memory_mb"])]
+        table.add_row(*cells)
+    from rich.console import Console
+
+    (console if console.is_terminal else Console(stderr=True, width=170)).print(table)
+
+
 def _caption(env: dict, rows: list[dict], command: str) -> str:
     bandwidth = next((r.get("bandwidth_gbs") for r in rows if r.get("bandwidth_gbs")), None)
     scan_ops = sorted({r["scan_op"] for r in rows if r.get("scan_op")})
@@ -140,36 +176,42 @@ def register(app: typer.Typer) -> None:
                                              help="Square input size(s), e.g. `--resolution 224 512 1024`."),
         compare: List[str] = typer.Option([], "--compare",
                                           help="torchvision models measured in the same run (random weights), "
-                                               "e.g. `--compare swin_t convnext_tiny resnet50 vit_b_16`."),
+                                               "e.g. `--compare swin_t convnext_tiny resnet50 vit_b_16`; ViTs "
+                                               "are built for each resolution (image_size=res)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b",
                                                  help="Batch size (default 1 on CPU, 32 on CUDA); halved on OOM."),
         train: bool = typer.Option(False, "--train", help="Also time a training step (forward+backward, no optimizer)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         amp: str = typer.Option("none", "--amp", help=AMP_HELP + " Default: none (float32, the paper's "
                                                                  "throughput protocol, docs/design.md §7)."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch.set_num_threads for CPU runs."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch.set_num_threads for CPU runs."),
         channels_last: bool = typer.Option(False, "--channels-last", help="channels_last model and input."),
-        warmup: Optional[int] = typer.Option(None, "--warmup", help="Untimed runs first (default 2 CPU, 10 CUDA)."),
-        iters: Optional[int] = typer.Option(None, "--iters", help="Timed runs, median reported (default 5 CPU, 30 CUDA)."),
+        warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Untimed runs first (default 2 CPU, 10 CUDA)."),
+        iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Timed runs, median reported (default 5 CPU, 30 CUDA)."),
         scan_bandwidth: bool = typer.Option(True, "--scan-bandwidth/--no-scan-bandwidth",
                                             help="Time the scan calls of one forward and report GB/s."),
         bandwidth_gbs: Optional[float] = typer.Option(None, "--bandwidth-gbs",
                                                       help="Machine memory bandwidth in GB/s (default: measured by a copy)."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
         csv_path: Optional[str] = typer.Option(None, "--csv", help="Write one CSV row per model and resolution."),
-        plot: Optional[str] = typer.Option(None, "--plot", help="Save images/s and memory vs resolution as PNG."),
+        plot: Optional[str] = typer.Option(None, "--plot",
+                                           help="Save time per image and peak memory against pixel count "
+                                                "(log-log, fitted slopes in the legend) as PNG."),
         compile_model: bool = typer.Option(False, "--compile",
                                            help="Also measure each model under torch.compile (a row each; "
                                                 "the warm-up includes the compile)."),
     ):
         """Params, FLOPs, latency, images/s, peak memory and scan GB/s per model and resolution."""
-        from vmamba_cli.profile import environment, plot_scaling, profile
+        from vmamba_cli.profile import environment, plot_scaling, profile, scaling_report
 
         if amp not in AMP_CHOICES:
             raise fail(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise fail(f"--device must be auto, cpu or cuda, got {device!r}")
         dev = resolve_device(device)
+        for path in (csv_path, plot):  # before the work, not after it
+            if path is not None:
+                check_output_file(path)
         amp_dtype = resolve_amp(amp, dev)
         dtype = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"  # profile()'s names
         if threads:
@@ -195,13 +237,19 @@ def register(app: typer.Typer) -> None:
         if csv_path:
             with user_errors():
                 _write_csv(rows, csv_path)
+        # Exponents and the plot describe the eager rows; a compiled row repeats its model's name.
+        eager_rows = [r for r in rows if not r.get("compiled")]
+        scaling = scaling_report(eager_rows)
         if plot:
             title = f"{env['device_name']} ({env['device']}), {dtype}, batch {rows[0].get('requested_batch_size')}"
-            plot_scaling(rows, plot, title=title)
+            with user_errors():
+                plot_scaling(eager_rows, plot, title=title, report=scaling)
         if json_out:
-            print_json({"environment": env, "command": command, "rows": rows})
+            print_json({"environment": env, "command": command, "rows": rows, "scaling": scaling})
         else:
             _print_table(rows, env, command, train)
+            if len(resolution) > 1:
+                _print_scaling(scaling, train)
             if csv_path:
                 console.print(f"wrote {csv_path}")
             if plot:

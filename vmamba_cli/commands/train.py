@@ -10,7 +10,8 @@ import typer
 
 from vmamba_cli.commands._common import console, fail, print_json
 from vmamba_cli.errors import EXIT_INTERRUPTED
-from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP
+from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP, MAX_RESOLUTION
+from vmamba_cli.train.config import MIN_IMAGE_SIZE
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -30,18 +31,19 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model (`vmamba models`)."),
         pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Start from these weights (fine-tuning)."),
         num_classes: Optional[int] = typer.Option(None, "--num-classes", help="New head size (default: classes in the data)."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Batch per process."),
-        accum_steps: Optional[int] = typer.Option(None, "--accum-steps", help="Gradient accumulation steps."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Batch per process."),
+        accum_steps: Optional[int] = typer.Option(None, "--accum-steps", min=1, help="Gradient accumulation steps."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Base LR for a total batch of 512 (scaled linearly)."),
-        image_size: Optional[int] = typer.Option(None, "--image-size", help="Training resolution."),
-        workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Data loader processes per rank."),
+        image_size: Optional[int] = typer.Option(None, "--image-size", min=MIN_IMAGE_SIZE, max=MAX_RESOLUTION,
+                                                 help="Training resolution."),
+        workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="Data loader processes per rank."),
         amp: Optional[str] = typer.Option(None, "--amp", help=AMP_HELP + " Default: the preset's (auto)."),
         compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (0: default)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=0, help="CPU threads per process (0: default)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed (each process uses seed + rank)."),
-        subset: Optional[int] = typer.Option(None, "--subset", help="Use only the first N training images."),
+        subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Use only the first N training images."),
         output: Optional[str] = typer.Option(None, "--output", "-o",
                                              help="Run folder (default runs/train/{data}-{model}); a run folder "
                                                   "holding a checkpoint is continued."),
@@ -95,8 +97,11 @@ def register(app: typer.Typer) -> None:
             print_json(summary)
         if summary["status"] == "completed":
             best = summary.get("best_top1")
+            ema = summary.get("best_ema_top1")
+            ema_text = f", best EMA {ema:.2f}% at epoch {summary['best_ema_epoch']}" if ema is not None else ""
             console.print(f"done: {summary['epochs_done']} epochs, held-out top-1 {summary['top1']:.2f}% "
-                          f"(best {best:.2f}%), {summary['train_time_s']:.0f}s; weights in {summary['run_dir']}",
+                          f"(best {best:.2f}%{ema_text}), {summary['train_time_s']:.0f}s; "
+                          f"weights in {summary['run_dir']}",
                           highlight=False, markup=False, soft_wrap=True)
         elif summary["status"] == "interrupted":
             raise typer.Exit(EXIT_INTERRUPTED)

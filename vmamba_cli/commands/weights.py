@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from vmamba_cli.commands._common import console, print_json
+from vmamba_cli.commands._common import ALLOW_NON_FINITE_HELP, console, print_json
 
 weights_app = typer.Typer(help="Official checkpoints: list them with their cache state, download one.",
                           no_args_is_help=True)
@@ -69,12 +69,15 @@ def convert_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
                                         help="Model of SRC \\[default: inferred from an official file name]."),
     ema: bool = typer.Option(False, "--ema", help="Convert the model_ema entry instead of model."),
+    allow_non_finite: bool = typer.Option(False, "--allow-non-finite", help=ALLOW_NON_FINITE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Convert an official checkpoint to a safetensors file that carries its model config."""
+    from vmamba_cli.runtime import check_output_file
     from vmamba_cli.weights import convert_checkpoint
 
-    result = convert_checkpoint(source, destination, model=model, ema=ema)
+    check_output_file(destination)  # before the checkpoint is read
+    result = convert_checkpoint(source, destination, model=model, ema=ema, allow_non_finite=allow_non_finite)
     if json_out:
         print_json(result.to_dict())
     else:

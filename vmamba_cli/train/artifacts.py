@@ -9,16 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vmamba_cli import jsonout
+from vmamba_cli.errors import ResumeError
 from vmamba_cli.train.state import STATE_FILE, RunProgress
 
 METRICS_FILE = "metrics.jsonl"
-WEIGHTS_FILES = ("last.safetensors", "best.safetensors")
+WEIGHTS_FILES = ("last.safetensors", "best.safetensors", "best_ema.safetensors")
+RUN_FILES = ("config.json", METRICS_FILE, "summary.json", "curves.png", *WEIGHTS_FILES, STATE_FILE)
+# The temporary names vmamba_cli.weights.atomic_write gives these files (tempfile.mkstemp: ".NAME." +
+# 8 random characters + ".tmp"); a write killed before its rename leaves one behind.
+_TEMP_NAME = re.compile(r"^\.(?:%s)\.[A-Za-z0-9_]{8}\.tmp$" % "|".join(re.escape(n) for n in RUN_FILES))
 
 
 @dataclass(frozen=True)
@@ -45,16 +52,52 @@ def _json_line(record: dict) -> str:
 def write_json(path: Path, obj: Any) -> None:
     from vmamba_cli.weights import atomic_write
 
-    text = json.dumps(obj, indent=2, allow_nan=True) + "\n"
+    text = jsonout.dumps(obj) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The per-epoch records of metrics.jsonl (empty before the first epoch ends)."""
+    """The per-epoch records of metrics.jsonl (empty before the first epoch ends).
+
+    A last line without its newline is the append of a killed run and is left out; any other line
+    that is not a JSON record raises ResumeError naming the file and the line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines):  # no newline after it: an interrupted append
+                break
+            raise ResumeError(f"{path}: corrupt JSON on line {number}: {exc}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise ResumeError(f"{path}: line {number} is not an epoch record")
+        records.append(record)
+    return records
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that writes killed before their rename left in ``run_dir`` (only the
+    names ``atomic_write`` gives the run's own files)."""
+    removed = []
+    if run_dir.is_dir():
+        for entry in os.scandir(run_dir):
+            if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def start_metrics(run_dir: Path) -> None:
+    """A fresh run's metrics.jsonl starts empty: lines left by an attempt killed before its first
+    checkpoint would otherwise be followed by the same epochs again."""
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -95,6 +138,7 @@ def summary(info: RunInfo, progress: RunProgress, status: str, message: str | No
         "best_top1": max((r["top1"] for r in records), default=None),
         "best_epoch": progress.best.get("epoch") or None,
         "best_ema_top1": max((r["ema_top1"] for r in records if r.get("ema_top1") is not None), default=None),
+        "best_ema_epoch": progress.best_ema.get("epoch") or None,
         "train_time_s": sum(r["epoch_time_s"] for r in records),
         "images_per_s": (sum(r["images"] for r in records) / max(sum(r["train_time_s"] for r in records), 1e-9))
         if records else None,

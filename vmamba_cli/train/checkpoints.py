@@ -1,7 +1,9 @@
 """The checkpoints of a run: weights files for predict / eval, and the state file to continue from.
 
 ``last.safetensors`` / ``best.safetensors`` hold the model (and the EMA under ``ema.*``) with class
-names and the preprocessing preset; ``last.state.safetensors`` holds what resuming needs (state.py).
+names and the preprocessing preset; ``best_ema.safetensors`` holds the EMA weights of the epoch with the
+best EMA top-1 as the model's own (so predict / eval use them without ``--ema``);
+``last.state.safetensors`` holds what resuming needs (state.py).
 Rank 0 writes the state file first, then the weights; every rank's RNG state goes into it.
 """
 
@@ -46,13 +48,14 @@ class RunCheckpoints:
             state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         return state
 
-    def _save_weights(self, path: Path, progress: RunProgress, extra: dict[str, Any]) -> None:
+    def _save_weights(self, path: Path, progress: RunProgress, extra: dict[str, Any],
+                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
         from vmamba_cli.weights import save_model
 
         metadata = {"source": "vmamba train", "epoch": progress.epoch, "data": self.data_description,
                     "run": str(self.run_dir), **extra}
         save_model(path, self.model, name=self.model_name, class_names=self.class_names, preprocess=self.preprocess,
-                   extra=metadata, state_dict=self.weights_state())
+                   extra=metadata, state_dict=self.weights_state() if state_dict is None else state_dict)
 
     def _save_state(self, progress: RunProgress, rng_all: list[dict]) -> None:
         write_state(self.run_dir / STATE_FILE, {
@@ -69,8 +72,10 @@ class RunCheckpoints:
             "model_name": self.model_name,
         })
 
-    def save(self, progress: RunProgress, *, best: bool, top1: float | None) -> None:
-        """Write the state file and last.safetensors (and best.safetensors when ``best``); all ranks call it."""
+    def save(self, progress: RunProgress, *, best: bool, top1: float | None, best_ema: bool = False,
+             ema_top1: float | None = None) -> None:
+        """Write the state file and last.safetensors (and best.safetensors when ``best``, best_ema.safetensors
+        when ``best_ema``); all ranks call it."""
         rng_all = self.dist.all_gather(capture_rng(self.dist.device))
         if self.dist.is_main:
             self._save_state(progress, rng_all)
@@ -79,6 +84,9 @@ class RunCheckpoints:
                                {"top1": top1, "mid_epoch_step": mid_epoch_step})
             if best:
                 self._save_weights(self.run_dir / "best.safetensors", progress, {"top1": top1})
+            if best_ema and self.ema is not None:
+                self._save_weights(self.run_dir / "best_ema.safetensors", progress, {"top1": ema_top1, "weights": "ema"},
+                                   state_dict=self.ema.state_dict())
         self.dist.barrier()
 
     def restore(self, state: dict, log: Callable[[str], None]) -> RunProgress:

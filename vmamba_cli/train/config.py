@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vmamba_cli.runtime import AMP_CHOICES
+from vmamba_cli.runtime import AMP_CHOICES, MAX_RESOLUTION, MIN_RESOLUTION
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,6 +22,9 @@ else:  # the same parser, published as tomli before it joined the standard libra
     import tomli as tomllib
 
 PRESETS = ("imagenet", "digits")
+# The same floor as predict / eval: the tests and the digits quick start train at 16-32 pixels, where
+# the last stages work on 1x1 maps.
+MIN_IMAGE_SIZE = MIN_RESOLUTION
 
 
 @dataclass
@@ -62,6 +65,8 @@ class TrainConfig:
     randaugment: bool = True
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
+    randaugment_mstd: float = 0.5              # magnitude drawn from N(magnitude, mstd) per op (timm mstd)
+    color_jitter: float = 0.4                  # only when randaugment is off (timm's rule), as officially
     random_erasing: float = 0.25
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -72,7 +77,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     # -- run --------------------------------------------------------------------------------------
     seed: int = 0                              # each process uses seed + rank
-    amp: str = "auto"                          # vmamba_cli.runtime.resolve_amp: auto = bf16 on CUDA, none on CPU
+    amp: str = "auto"                          # vmamba_cli.runtime.resolve_amp: auto = bf16 on CUDA, none on CPU;
+                                               # fp16 (the release runs) adds a GradScaler
     compile: bool = False
     device: str = "auto"
     threads: int = 0                           # CPU threads per process (0: PyTorch's default)
@@ -177,13 +183,21 @@ def _validate(c: TrainConfig) -> None:
         (c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}"),
         (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),
         (c.accum_steps >= 1, f"accum_steps must be >= 1, got {c.accum_steps}"),
-        (c.image_size >= 8, f"image_size must be >= 8, got {c.image_size}"),
+        (MIN_IMAGE_SIZE <= c.image_size <= MAX_RESOLUTION,
+         f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_RESOLUTION}, got {c.image_size}"),
+        (c.subset >= 0, f"subset must be >= 0 (0: all images), got {c.subset}"),
+        (c.threads >= 0, f"threads must be >= 0 (0: PyTorch's default), got {c.threads}"),
         (c.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {c.warmup_epochs}"),
         (c.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got {c.amp!r}"),
         (0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}"),
         (c.num_classes is None or c.num_classes >= 1, f"num_classes must be >= 1, got {c.num_classes}"),
         (c.workers >= 0, f"workers must be >= 0, got {c.workers}"),
         (0 < c.eval_crop_pct <= 1, f"eval_crop_pct must be in (0, 1], got {c.eval_crop_pct}"),
+        (0 <= c.randaugment_magnitude <= 10, f"randaugment_magnitude must be in [0, 10], got {c.randaugment_magnitude}"),
+        (c.randaugment_ops >= 1, f"randaugment_ops must be >= 1, got {c.randaugment_ops}"),
+        (c.randaugment_mstd >= 0, f"randaugment_mstd must be >= 0, got {c.randaugment_mstd}"),
+        (c.color_jitter >= 0, f"color_jitter must be >= 0, got {c.color_jitter}"),
+        (0 <= c.random_erasing <= 1, f"random_erasing must be in [0, 1], got {c.random_erasing}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -1,5 +1,6 @@
-"""Training data: the offline digits set, image folders, the recipe's augmentations (torchvision
-transforms v2), Mixup/CutMix with label smoothing, and a resumable distributed sampler."""
+"""Training data: the offline digits set, image folders, the recipe's augmentations (timm's
+create_transform, as the official training), Mixup/CutMix with label smoothing, and a resumable
+distributed sampler."""
 
 from __future__ import annotations
 
@@ -13,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from vmamba_cli.data import IMAGENET_MEAN, IMAGENET_STD, find_images, load_image
+from vmamba_cli.data import IMAGENET_MEAN, IMAGENET_STD, class_subfolders, find_images, load_image
 from vmamba_cli.errors import DataError, ImageError
 
 DIGITS = "digits"
-# timm's RandAugment fills exposed borders with the dataset mean in 8-bit.
-_FILL = [round(255 * m) for m in IMAGENET_MEAN]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -52,6 +51,19 @@ class TensorImageDataset(Dataset):
         return image, int(self.labels[index])
 
 
+class ImageReadError(DataError):
+    """A training image that cannot be read. Raised in a DataLoader worker, it reaches the main process
+    re-created by torch as ``ImageReadError(text)`` where the text holds the worker's whole traceback;
+    the constructor keeps the original one-line message (the traceback's last line)."""
+
+    def __init__(self, message: str):
+        lines = [line for line in str(message).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].startswith("Caught "):
+            last = lines[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
 class ImageFileDataset(Dataset):
     """(path, label) pairs read with ``vmamba_cli.data.load_image`` (EXIF, gray, RGBA ... handled)."""
 
@@ -66,7 +78,7 @@ class ImageFileDataset(Dataset):
         try:
             image = load_image(path)
         except ImageError as exc:
-            raise DataError(str(exc)) from None
+            raise ImageReadError(str(exc)) from None
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -85,6 +97,26 @@ def digits_arrays(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(digits.target, dtype=torch.int64)
 
 
+def write_digits_folder(root: str | os.PathLike, image_size: int = 128, *, split: str = "val",
+                        val_fraction: float = 0.2, split_seed: int = 0) -> int:
+    """Write one split of the digits data as PNG class folders ``root/<digit>/digit_<index>.png``
+    (the split `vmamba train --data digits` makes with the same ``val_fraction`` / ``split_seed``), so
+    that `vmamba eval` can read the held-out digits. Returns the number of images written."""
+    from PIL import Image
+
+    if split not in ("train", "val"):
+        raise DataError(f"split must be 'train' or 'val', got {split!r}")
+    images, labels = digits_arrays(image_size)
+    train_idx, val_idx = split_indices(len(labels), val_fraction, split_seed)
+    indices = (val_idx if split == "val" else train_idx).tolist()
+    root = Path(root)
+    for index in indices:
+        folder = root / str(int(labels[index]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[index, 0].numpy(), mode="L").save(folder / f"digit_{index:04d}.png")
+    return len(indices)
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random train / held-out split (independent of the training seed)."""
     if not 0.0 < val_fraction < 1.0:
@@ -95,7 +127,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 def _class_folder_samples(root: Path, class_names: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [root / name for name in class_subfolders(root)]
     if class_names is None:
         class_names = [p.name for p in folders]
     index = {name: i for i, name in enumerate(class_names)}
@@ -166,39 +198,83 @@ def build_datasets(data: str, image_size: int, *, train_transform, eval_transfor
 
 
 # ------------------------------------------------------------------------------------------------
-# Transforms (torchvision.transforms.v2)
+# Transforms (timm's create_transform, the pipeline the official training calls)
 # ------------------------------------------------------------------------------------------------
 
-def _interpolation(name: str):
-    from torchvision.transforms import InterpolationMode
+def randaugment_policy(ops: int = 2, magnitude: int = 9, magnitude_std: float = 0.5) -> str:
+    """timm's RandAugment policy string: ``rand-m9-mstd0.5-inc1`` with the recipe's values.
 
-    return InterpolationMode(name.lower())
+    ``inc1`` selects timm's 15-op set whose ops grow stronger with the magnitude (posterize down to
+    1 bit at m9, Invert and SolarizeAdd included); each op is applied with probability 0.5 and its
+    magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10].
+    """
+    parts = ["rand", f"m{magnitude}"]
+    if ops != 2:  # timm's default; left out so that the recipe's string is the official one
+        parts.append(f"n{ops}")
+    if magnitude_std > 0:
+        parts.append(f"mstd{magnitude_std:g}")
+    parts.append("inc1")
+    return "-".join(parts)
+
+
+class _ToPIL:
+    """uint8 image tensors (the in-memory digits) to PIL, which timm's RandAugment ops need; PIL
+    images (read from files) pass through."""
+
+    def __call__(self, image):
+        if isinstance(image, torch.Tensor):
+            from torchvision.transforms.functional import to_pil_image
+
+            return to_pil_image(image.as_subclass(torch.Tensor))
+        return image
+
+    def __repr__(self) -> str:
+        return "ToPIL()"
 
 
 def train_transform(image_size: int, *, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
                     randaugment: bool = True, randaugment_ops: int = 2, randaugment_magnitude: int = 9,
-                    random_erasing: float = 0.25, interpolation: str = "bicubic",
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The recipe's training pipeline: RandomResizedCrop (bicubic), horizontal flip, RandAugment,
-    [0, 1] scaling, normalisation, random erasing with per-pixel random values.
+                    randaugment_mstd: float = 0.5, color_jitter: float = 0.4, random_erasing: float = 0.25,
+                    interpolation: str = "bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The recipe's training pipeline, built by timm's ``create_transform(is_training=True)`` with
+    the official arguments (official classification/data/build.py): RandomResizedCrop (PIL,
+    ``interpolation``), horizontal flip, RandAugment ``rand-m9-mstd0.5-inc1`` (bicubic geometric ops,
+    borders filled with the mean pixel), ToTensor, normalisation, random erasing with per-pixel
+    normal values (mode 'pixel', one region).
 
-    RandAugment uses 11 magnitude bins so that magnitude 9 means 9/10 of each op's range, as timm's
-    ``rand-m9`` does (torchvision's default of 31 bins would make m9 much weaker).
+    ``color_jitter`` is used only when ``randaugment`` is off, as timm does (the official 0.4 is
+    therefore inactive in the recipe). Takes PIL images and uint8 image tensors.
     """
-    from torchvision.transforms import v2
+    # timm is imported here only: it brings huggingface_hub with it, and no other command needs it.
+    from timm.data import create_transform
+    from torchvision import transforms
 
-    ops = [v2.ToImage(),
-           v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
-                                interpolation=_interpolation(interpolation), antialias=True)]
-    if hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(hflip))
-    if randaugment:
-        ops.append(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude, num_magnitude_bins=11,
-                                  interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    if random_erasing > 0:
-        ops.append(v2.RandomErasing(p=random_erasing, value="random"))
-    return v2.Compose(ops)
+    pipeline = create_transform(
+        image_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio), hflip=hflip,
+        color_jitter=color_jitter if color_jitter > 0 else None,
+        auto_augment=randaugment_policy(randaugment_ops, randaugment_magnitude, randaugment_mstd) if randaugment else None,
+        interpolation=interpolation, mean=tuple(mean), std=tuple(std),
+        re_prob=random_erasing, re_mode="pixel", re_count=1)
+    for op in getattr(next((t for t in pipeline.transforms if type(t).__name__ == "RandAugment"), None), "ops", ()):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize_keeping_bits
+    return transforms.Compose([_ToPIL(), *pipeline.transforms])
+
+
+def posterize_keeping_bits(img, bits_to_keep: int, **_):
+    """Keep the ``bits_to_keep`` high bits of every channel; 0 bits gives a black image.
+
+    A magnitude drawn at the top of its range (10, about 2% of the draws at m9 mstd0.5) asks timm's
+    PosterizeIncreasing for 0 bits. The Pillow of the official runs masked every value to 0; newer
+    Pillow releases (13 among them) raise ValueError instead, which would stop a training run.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ folder holds::
     curves.png               loss and accuracy per epoch
     last.safetensors         model weights (+ EMA under ema.*) with class names: usable by predict / eval
     best.safetensors         the same for the epoch with the best held-out top-1
+    best_ema.safetensors     the EMA weights (as the model's own) of the epoch with the best EMA top-1
     last.state.safetensors   everything needed to continue exactly: model, EMA, optimizer, scheduler,
                              scaler, epoch / position in the epoch, RNG states of every rank
 
@@ -34,7 +35,7 @@ import torch.nn as nn
 from vmamba_cli.data import Preprocess, eval_transform
 from vmamba_cli.errors import TrainingDiverged
 from vmamba_cli.metrics import TopKAccumulator
-from vmamba_cli.runtime import Dist, autocast, process_group, resolve_amp
+from vmamba_cli.runtime import Dist, autocast, check_memory, check_output_dir, process_group, resolve_amp
 from vmamba_cli.train import artifacts
 from vmamba_cli.train.architecture import build_model, model_label
 from vmamba_cli.train.config import TrainConfig
@@ -107,18 +108,18 @@ class Trainer:
         self.show_progress = progress and dist.is_main
         self.device = dist.device
         self.run_dir = output_dir(config)
+        if dist.is_main:
+            check_output_dir(self.run_dir)  # before the data is read or a model built
         resume_state = load_resumable_state(self.run_dir, config, auto_resume)
-        # The same initial weights on every rank (DDP would broadcast rank 0's anyway, but the EMA
-        # copy and a restarted rank must agree); augmentation streams then differ per rank.
-        seed_everything(c.seed)
+        self.resumed = resume_state is not None
 
         self.data = build_datasets(
             c.data, c.image_size,
             train_transform=train_transform(
                 c.image_size, crop_scale=c.crop_scale, crop_ratio=c.crop_ratio, hflip=c.hflip,
                 randaugment=c.randaugment, randaugment_ops=c.randaugment_ops,
-                randaugment_magnitude=c.randaugment_magnitude, random_erasing=c.random_erasing,
-                interpolation=c.interpolation),
+                randaugment_magnitude=c.randaugment_magnitude, randaugment_mstd=c.randaugment_mstd,
+                color_jitter=c.color_jitter, random_erasing=c.random_erasing, interpolation=c.interpolation),
             eval_transform_fn=lambda crop_pct: eval_transform(self._preprocess(crop_pct)),
             val_fraction=c.val_fraction, split_seed=c.split_seed, subset=c.subset, crop_pct=c.eval_crop_pct)
         # What predict / eval should do with this run's checkpoints (the held-out evaluation's preset).
@@ -129,9 +130,17 @@ class Trainer:
             raise ValueError(f"num_classes={self.num_classes} but the data has {len(self.class_names)} classes")
         self.class_names += [f"class_{i}" for i in range(len(self.class_names), self.num_classes)]
 
+        # Seeded after the data is built: building it imports libraries lazily (scikit-learn, timm, and
+        # through them rich, whose import draws from Python's `random`), and the first run in a process
+        # must draw the same augmentations as the next. The same initial weights on every rank (DDP
+        # would broadcast rank 0's anyway, but the EMA copy and a restarted rank must agree);
+        # augmentation streams then differ per rank.
+        seed_everything(c.seed)
         model, self.model_name = build_model(c, self.num_classes, resume_state["arch"] if resume_state else None)
         if resume_state is not None:
             self.model_name = resume_state.get("model_name", self.model_name)
+        check_memory(c.image_size, c.batch_size, int(model.config.dims[0]), self.device,
+                     patch_size=model.config.patch_size, training=True, options="--image-size or --batch-size")
         self.model = model.to(self.device)
         if dist.rank:
             seed_everything(c.seed + dist.rank)
@@ -211,6 +220,7 @@ class Trainer:
                 "warmup_steps": self.schedule.warmup_steps, "num_classes": self.num_classes,
                 "model_name": self.model_name, "params": self.info.params,
                 "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
+                "grad_scaler": self.scaler is not None,
                 "device": str(self.device), "data": self.data.description,
                 "train_images": len(self.data.train), "val_images": len(self.data.val),
             },
@@ -230,6 +240,10 @@ class Trainer:
         c, p = self.config, self.progress
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for path in artifacts.remove_stale_temp_files(self.run_dir):
+                self.log(f"removed {path.name}, left by an interrupted write")
+            if not self.resumed:
+                artifacts.start_metrics(self.run_dir)
             artifacts.write_json(self.run_dir / "config.json", self._resolved())
         if p.epoch >= c.epochs:
             self.log(f"{self.run_dir}: all {c.epochs} epochs are done (raise --epochs to continue)")
@@ -377,9 +391,14 @@ class Trainer:
         is_best = record["top1"] > p.best["top1"]
         if is_best:
             p.best = {"top1": record["top1"], "epoch": p.epoch}
+        # The EMA is the model the official runs report: its best epoch is kept too (best_ema.safetensors).
+        is_best_ema = ema_metrics is not None and ema_metrics["top1"] > p.best_ema["top1"]
+        if is_best_ema:
+            p.best_ema = {"top1": ema_metrics["top1"], "epoch": p.epoch}
         if self.dist.is_main:
             artifacts.append_metrics(self.run_dir, record)
-        self.checkpoints.save(p, best=is_best, top1=record["top1"])
+        self.checkpoints.save(p, best=is_best, top1=record["top1"], best_ema=is_best_ema,
+                              ema_top1=record["ema_top1"])
         ema = f", EMA {record['ema_top1']:.2f}" if ema_metrics else ""
         self.log(f"epoch {p.epoch}/{c.epochs}: loss {record['train_loss']:.4f}, held-out top-1 "
                  f"{record['top1']:.2f}% top-5 {record['top5']:.2f}%{ema}, lr {record['lr']:.3g}, "

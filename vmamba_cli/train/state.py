@@ -23,6 +23,8 @@ from vmamba_cli.train.config import RESUME_CHANGEABLE, TrainConfig, apply_overri
 
 STATE_FILE = "last.state.safetensors"
 STATE_FORMAT = "vmamba-train-state"
+# What resuming reads from a state file (RunCheckpoints._save_state writes these and more).
+STATE_KEYS = ("config", "arch", "position", "best", "accumulators", "model", "optimizer", "schedule", "rng")
 
 
 # -- position in the run -------------------------------------------------------------------------
@@ -44,18 +46,20 @@ class RunProgress:
     batches_done: int = 0          # micro-batches of the current epoch already trained
     global_step: int = 0           # optimizer steps since the start
     best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
+    best_ema: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": 0})  # by the EMA's top-1
     totals: EpochTotals = field(default_factory=EpochTotals)
 
     def to_state(self, world_size: int) -> dict[str, Any]:
         return {"position": {"epoch": self.epoch, "batches_done": self.batches_done,
                              "global_step": self.global_step, "world_size": world_size},
-                "best": dict(self.best), "accumulators": asdict(self.totals)}
+                "best": dict(self.best), "best_ema": dict(self.best_ema), "accumulators": asdict(self.totals)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "RunProgress":
         pos = state["position"]
+        best_ema = dict(state.get("best_ema") or {"top1": -1.0, "epoch": 0})  # absent in older state files
         return cls(int(pos["epoch"]), int(pos["batches_done"]), int(pos["global_step"]), dict(state["best"]),
-                   EpochTotals(**state["accumulators"]))
+                   best_ema, EpochTotals(**state["accumulators"]))
 
 
 # -- RNG states (JSON-serialisable, so they travel in the state file's metadata) -------------------
@@ -149,8 +153,17 @@ def read_state(path: Path) -> dict[str, Any]:
         raise ResumeError(f"{path}: not a readable training state ({' '.join(str(exc).split())[:160]})") from None
     if metadata.get("format") != STATE_FORMAT or "state" not in metadata:
         raise ResumeError(f"{path}: not a vmamba training state file")
-    skeleton = json.loads(metadata["state"])
-    return {name: _join_tensors(value, tensors) for name, value in skeleton.items()}
+    try:
+        skeleton = json.loads(metadata["state"])
+    except ValueError as exc:
+        raise ResumeError(f"{path}: corrupt JSON in training state: {exc}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(skeleton, dict) or k not in skeleton]
+    if missing:
+        raise ResumeError(f"{path}: incomplete training state (no {', '.join(missing)})")
+    try:
+        return {name: _join_tensors(value, tensors) for name, value in skeleton.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResumeError(f"{path}: inconsistent training state ({type(exc).__name__}: {exc})") from None
 
 
 def find_state(path: str | os.PathLike) -> Path:
@@ -163,11 +176,22 @@ def find_state(path: str | os.PathLike) -> Path:
     return candidate
 
 
+# Settings added after a state file may have been written, with the value that means what the run
+# did then (no colour jitter, no magnitude noise), not today's default.
+_ABSENT_MEANS = {"color_jitter": 0.0, "randaugment_mstd": 0.0}
+
+
+def saved_config(state: dict[str, Any]) -> TrainConfig:
+    """The settings a state file was written with."""
+    values = {**_ABSENT_MEANS, **state["config"]}
+    return apply_overrides(TrainConfig(), values)
+
+
 def config_for_resume(resume: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The saved settings of a run, with the ``overrides`` that may change when continuing it."""
     state_path = find_state(resume)
     state = read_state(state_path)
-    config = apply_overrides(TrainConfig(), state["config"])
+    config = saved_config(state)
     overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     forbidden = sorted(k for k, v in overrides.items()
                        if k not in RESUME_CHANGEABLE and getattr(config, k, object()) != v)
@@ -186,7 +210,7 @@ def load_resumable_state(run_dir: Path, config: TrainConfig, auto_resume: bool) 
     if not auto_resume:
         raise ResumeError(f"{run_dir} already holds a run ({STATE_FILE}); resume it or choose another output")
     state = read_state(state_path)
-    saved = apply_overrides(TrainConfig(), state["config"])
+    saved = saved_config(state)
     current = config.to_dict()
     diffs = [f"{k}: {v!r} -> {current[k]!r}" for k, v in saved.to_dict().items()
              if k not in RESUME_CHANGEABLE and current.get(k) != v]
