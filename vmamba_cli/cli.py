@@ -67,11 +67,15 @@ def main() -> None:
     tune_malloc()
     # Images are checked against --max-pixels by vmamba_cli.data.load_image, which reports an image
     # over the limit as that file's error; Pillow's own warning for the same image would only repeat it.
+    # Pillow also warns about damaged metadata (e.g. "Corrupt EXIF data") of images it still decodes
+    # or then fails on: such an image is predicted, or reported as one error line, so the warning is
+    # noise on stderr.
     import warnings
 
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     app()
 
 
