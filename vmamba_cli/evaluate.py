@@ -31,6 +31,7 @@ import torch
 from vmamba_cli.data import IMAGE_EXTENSIONS, Preprocess, eval_transform, find_images, load_image
 from vmamba_cli.errors import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EXIT_USAGE, DataError, ImageError,  # noqa: F401
                                InputError)
+from vmamba_cli.export import is_onnx_file, load_onnx
 from vmamba_cli.metrics import TOPK, TopKAccumulator
 from vmamba_cli.runtime import Dist, amp_name, autocast, process_group, resolve_amp
 
@@ -348,7 +349,8 @@ def _evaluate(data_dir, model, weights, *, ema, class_names, resolution, crop_pc
     else:
         from vmamba_cli.weights import load_model
 
-        loaded = load_model(model, weights, ema=ema)
+        # An .onnx file runs in onnxruntime, with its own class names and preset.
+        loaded = load_onnx(weights) if is_onnx_file(weights) else load_model(model, weights, ema=ema)
         net, model_name, source, preset = loaded.model, loaded.name, loaded.source, loaded.preprocess
         names = list(class_names) if class_names is not None else loaded.class_names
     preset = preset.with_overrides(input_size=resolution, crop_pct=crop_pct)

@@ -60,7 +60,8 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name (default "
                                             "vmamba-tiny; taken from the file for our .safetensors)."),
         weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Checkpoint: official .pth, our "
-                                              ".safetensors, or a registered weights name / URL."),
+                                              ".safetensors, a registered weights name / URL, or an "
+                                              ".onnx file from `vmamba export` (run by onnxruntime)."),
         ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of an official checkpoint."),
         resolution: Optional[int] = typer.Option(None, "--resolution", "-r",
                                                  help="Center-crop size in pixels (default: the size a `vmamba "

@@ -15,7 +15,7 @@ from vmamba_cli.commands._common import console, fail, print_json, resolve_devic
 from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP, resolve_amp
 
 # Options that take several values; `--resolution 224 512` is read as `--resolution 224 --resolution 512`.
-_MULTI_VALUE_OPTIONS = ("--model", "-m", "--resolution", "-r", "--compare")
+_MULTI_VALUE_OPTIONS = ("--model", "-m", "--resolution", "-r", "--compare", "--runtime")
 
 
 class _MultiValueCommand(TyperCommand):
@@ -55,6 +55,11 @@ def _ratio(row: dict, key: str) -> str:
     return "" if value is None else f" ({value:.2f}x)"
 
 
+def _label(row: dict) -> str:
+    """The model column: the name, and the runtime of a row not run by eager PyTorch."""
+    return row["model"] + (f" ({row['runtime']})" if row.get("runtime") not in (None, "torch") else "")
+
+
 def _print_table(rows: list[dict], env: dict, command: str, train: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -69,13 +74,13 @@ def _print_table(rows: list[dict], env: dict, command: str, train: bool) -> None
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         if r.get("status") != "ok":
-            cells = [r["model"], str(r["resolution"]), str(r.get("batch_size") or "-"),
+            cells = [_label(r), str(r["resolution"]), str(r.get("batch_size") or "-"),
                      _fmt(r.get("params") and r["params"] / 1e6, ".1f") + "M", _fmt(r.get("gflops"), ".2f"),
                      r.get("status", "?"), r.get("error") or ""]
             cells += [""] * (len(columns) - len(cells))
             table.add_row(*cells)
             continue
-        cells = [r["model"], str(r["resolution"]), str(r["batch_size"]), f"{r['params'] / 1e6:.1f}M",
+        cells = [_label(r), str(r["resolution"]), str(r["batch_size"]), f"{r['params'] / 1e6:.1f}M",
                  _fmt(r.get("gflops"), ".2f"), _fmt(r.get("latency_ms"), ".1f"),
                  _fmt(r.get("images_per_s"), ".3g") + _ratio(r, "images_per_s")]
         if train:
@@ -188,6 +193,11 @@ def register(app: typer.Typer) -> None:
                                             help="Time the scan calls of one forward and report GB/s."),
         bandwidth_gbs: Optional[float] = typer.Option(None, "--bandwidth-gbs",
                                                       help="Machine memory bandwidth in GB/s (default: measured by a copy)."),
+        runtime: List[str] = typer.Option(["torch"], "--runtime",
+                                          help="Runtimes timed per VMamba model: torch (eager, always measured: "
+                                               "the reference row) and onnxruntime (the model exported to a "
+                                               "temporary ONNX file first; CPU), e.g. `--runtime torch "
+                                               "onnxruntime`."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
         csv_path: Optional[str] = typer.Option(None, "--csv", help="Write one CSV row per model and resolution."),
         plot: Optional[str] = typer.Option(None, "--plot",
@@ -218,10 +228,12 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             rows = profile(model, resolution, compare=compare, batch_size=batch_size, device=dev, dtype=dtype,
                            train=train, warmup=warmup, iters=iters, threads=threads, channels_last=channels_last,
-                           scan_bandwidth=scan_bandwidth, bandwidth_gbs=bandwidth_gbs, log=log)
+                           scan_bandwidth=scan_bandwidth, bandwidth_gbs=bandwidth_gbs, log=log,
+                           runtimes=[r for r in dict.fromkeys(runtime) if r != "torch"])
         env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         command = "vmamba profile " + " ".join(_command_args(model, resolution, compare, batch_size, train, dev,
-                                                             amp, threads, channels_last, warmup, iters))
+                                                             amp, threads, channels_last, warmup, iters,
+                                                             runtime))
         if csv_path:
             with user_errors():
                 _write_csv(rows, csv_path)
@@ -244,8 +256,11 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
-def _command_args(model, resolution, compare, batch_size, train, dev, amp, threads, channels_last, warmup, iters):
+def _command_args(model, resolution, compare, batch_size, train, dev, amp, threads, channels_last, warmup, iters,
+                  runtime=("torch",)):
     args = ["--model", *model, "--resolution", *map(str, resolution)]
+    if list(runtime) != ["torch"]:
+        args += ["--runtime", *runtime]
     if compare:
         args += ["--compare", *compare]
     for flag, value in (("--batch-size", batch_size), ("--threads", threads), ("--warmup", warmup),
