@@ -1,19 +1,25 @@
-"""Export: the chunked closed-form scan, ONNX files run by onnxruntime, torch.export programs, `vmamba export`.
+"""Export: the chunked closed-form scan, ONNX files run by onnxruntime, torch.export programs, `vmamba export`,
+and ONNX files in `vmamba predict`, `vmamba eval` and `vmamba profile --runtime onnxruntime`.
 
-ONNX parity is checked for every released configuration: shrunk (one block per stage, a quarter or
-less of the widths) with each configuration's structural flags kept, and vmamba-tiny and
-vmamba-v0-tiny at full size. Classifier heads are scaled up so that logits are of order 1-10 and the
-1e-4 tolerance is a real constraint.
+ONNX parity is checked for every released configuration: shrunk (one block per stage, an eighth of
+the widths) with each configuration's structural flags kept, exported dynamic and run at batch 1
+and 3, square and non-square both ways; vmamba-tiny and vmamba-v0-tiny at full size and the golden
+fixture, exported at a fixed size (tracing with symbolic sizes costs several times more, and the
+scan lowering emits the same shape-generic ONNX either way: every size is read with Shape at run
+time). Classifier heads are scaled up so that logits are of order 1-10 and the 1e-4 tolerance is a
+real constraint.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -23,10 +29,15 @@ onnx = pytest.importorskip("onnx")
 
 from vmamba_cli import kernels  # noqa: E402
 from vmamba_cli.cli import app  # noqa: E402
-from vmamba_cli.export import (ExportError, OnnxClassifier, PreprocessPreset, _require, export_onnx,  # noqa: E402
-                               export_pt2, graph_node_count)
+from vmamba_cli.errors import VMambaError  # noqa: E402
+from vmamba_cli.evaluate import evaluate  # noqa: E402
+from vmamba_cli.export import (ExportError, OnnxClassifier, _require, export_onnx, export_program,  # noqa: E402
+                               graph_node_count, onnx_model_proto)
+from vmamba_cli.model import Preprocess  # noqa: E402
+from vmamba_cli.predict import predict  # noqa: E402
+from vmamba_cli.profile import profile  # noqa: E402
 from vmamba_cli.kernels.chunked import linear_recurrence_closed, selective_scan_chunked  # noqa: E402
-from vmamba_cli.model import MODELS, VSSM, from_official_config, get_model_spec  # noqa: E402
+from vmamba_cli.model import MODELS, VSSM, VMambaConfig, from_official_config, get_model_spec  # noqa: E402
 from vmamba_cli.weights import checkpoint_filter_fn, save_model  # noqa: E402
 
 TOL = 1e-4
@@ -105,12 +116,17 @@ def test_chunked_backend_is_registered_but_never_auto():
 
 
 # ------------------------------------------------------------------------------------------------
-# ONNX parity
+# ONNX parity: every released configuration, the full-size tiny models and the golden fixture
 # ------------------------------------------------------------------------------------------------
 
-def _shrunk(name: str):
+FULL = ("vmamba-tiny", "vmamba-v0-tiny")
+DYNAMIC_SHAPES = [(1, 3, 64, 64), (3, 3, 64, 96), (3, 3, 96, 64)]   # batch 1 square, batch 3 non-square both ways
+BUNDLE_SHAPE = (2, 3, 64, 64)                  # fixed-size exports: the golden fixture's input
+
+
+def _shrunk(name: str, num_classes: int = 37):
     cfg = get_model_spec(name).config
-    return cfg.replace(depths=(1, 1, 1, 1), dims=tuple(d // 8 for d in cfg.dims), num_classes=37)
+    return cfg.replace(depths=(1, 1, 1, 1), dims=tuple(d // 8 for d in cfg.dims), num_classes=num_classes)
 
 
 def _prepared(model: VSSM, seed: int) -> VSSM:
@@ -121,21 +137,35 @@ def _prepared(model: VSSM, seed: int) -> VSSM:
     return model.eval()
 
 
+def _build(config: VMambaConfig, seed: int) -> VSSM:
+    torch.manual_seed(seed)
+    return _prepared(VSSM(config), seed)
+
+
+@pytest.fixture(scope="module")
+def golden(fixtures_dir):
+    with safe_open(str(fixtures_dir / "vmamba_v2_small_ref.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = from_official_config(config).eval()
+    model.load_state_dict(checkpoint_filter_fn(tensors), strict=True)
+    return model, tensors
+
+
 _EXPORTS: dict = {}
 
 
-def _exported(key, build, tmp_path_factory, resolution=64):
+def _exported(key, build, tmp_path_factory, *, dynamic=True):
+    """The model ``build()`` and its onnxruntime classifier, exported once per key for the module."""
     if key not in _EXPORTS:
         model = build()
         path = tmp_path_factory.mktemp("onnx") / f"{key}.onnx"
-        export_onnx(model, path, resolution=resolution, name=key, class_names=[f"c{i}" for i in range(
-            model.config.num_classes)])
-        _EXPORTS[key] = model, path
+        export_onnx(model, path, resolution=64, dynamic=dynamic, batch=2 if dynamic else BUNDLE_SHAPE[0], name=key)
+        _EXPORTS[key] = model, OnnxClassifier(path), path
     return _EXPORTS[key]
 
 
-def _check_parity(model, path, shapes):
-    clf = OnnxClassifier(path)
+def _check_parity(model, clf, shapes):
     for i, shape in enumerate(shapes):
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
@@ -149,57 +179,56 @@ def _check_parity(model, path, shapes):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_onnx_parity_every_released_config_shrunk(name, tmp_path_factory):
     seed = list(MODELS).index(name)
-    model, path = _exported(name, lambda: _prepared(VSSM(_shrunk(name)), seed), tmp_path_factory)
-    # batch 1 square, batch 3 non-square both ways
-    _check_parity(model, path, [(1, 3, 64, 64), (3, 3, 64, 96), (3, 3, 96, 64)])
+    model, clf, _ = _exported(name, lambda: _build(_shrunk(name), seed), tmp_path_factory)
+    _check_parity(model, clf, DYNAMIC_SHAPES)
 
 
-@pytest.mark.parametrize("name", ["vmamba-tiny", "vmamba-v0-tiny"])
+@pytest.mark.parametrize("name", FULL)
 def test_onnx_parity_full_size(name, tmp_path_factory):
-    model, path = _exported(f"{name}-full", lambda: _prepared(VSSM(get_model_spec(name).config), 0),
-                            tmp_path_factory)
-    _check_parity(model, path, [(1, 3, 64, 64), (3, 3, 64, 96)])
+    # Fixed-size export (tracing with symbolic sizes costs several times more; the dynamic graph is
+    # checked on every shrunk configuration above).
+    model, clf, _ = _exported(f"{name}-full", lambda: _build(get_model_spec(name).config, 0), tmp_path_factory,
+                              dynamic=False)
+    _check_parity(model, clf, [BUNDLE_SHAPE])
 
 
-def test_onnx_golden_fixture(fixtures_dir, tmp_path):
-    with safe_open(str(fixtures_dir / "vmamba_v2_small_ref.safetensors"), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model = from_official_config(config).eval()
-    model.load_state_dict(checkpoint_filter_fn(tensors), strict=True)
-    path = export_onnx(model, tmp_path / "golden.onnx", resolution=64)
-    logits = OnnxClassifier(path)(tensors["input"])
-    assert float(np.abs(logits - tensors["logits"].numpy()).max()) <= TOL
+def test_onnx_golden_fixture(golden, tmp_path_factory):
+    model, tensors = golden
+    _, clf, _ = _exported("golden", lambda: model, tmp_path_factory, dynamic=False)
+    assert float(np.abs(clf(tensors["input"]) - tensors["logits"].numpy()).max()) <= TOL
 
 
-def test_onnx_graph_is_standard_and_independent_of_image_size(tmp_path_factory):
-    model, path = _exported("vmamba-tiny", lambda: _prepared(VSSM(_shrunk("vmamba-tiny")), 6), tmp_path_factory)
-    other = export_onnx(model, tmp_path_factory.mktemp("onnx") / "other.onnx", resolution=(128, 96))
+def test_onnx_graph_is_standard_and_the_scan_is_not_unrolled(tmp_path_factory):
+    name = list(MODELS)[0]                  # the export of the parity test above
+    model, clf, path = _exported(name, lambda: _build(_shrunk(name), 0), tmp_path_factory)
     proto = onnx.load(str(path))
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
     assert not proto.functions
-    # One fixed graph: the scan is not unrolled over the sequence, whatever the example size.
-    assert graph_node_count(path) == graph_node_count(other)
-    assert 100 < graph_node_count(path) < 5000
+    # One ONNX Scan per selective scan call, whatever the sequence length: nothing is unrolled.
+    assert sum(n.op_type == "Scan" for n in proto.graph.node) == sum(model.config.depths)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_value == 3 and all(d.dim_param for d in (dims[0], dims[2], dims[3]))
 
 
-def test_onnx_metadata(tmp_path_factory):
-    model, path = _exported("vmamba-tiny", lambda: _prepared(VSSM(_shrunk("vmamba-tiny")), 6), tmp_path_factory)
-    clf = OnnxClassifier(path)
-    assert clf.name == "vmamba-tiny"
-    assert clf.class_names == [f"c{i}" for i in range(37)]
-    assert clf.num_classes == 37
-    assert clf.preprocess == PreprocessPreset(resolution=64)
-    assert json.loads(clf.metadata["config"])["dims"] == list(model.config.dims)
+def test_onnx_graph_size_does_not_depend_on_the_image_size():
+    # Fixed-size exports (cheap to trace) at two sizes give graphs of one size.
+    model = _build(_shrunk("vmamba-tiny").replace(depths=(1, 1), dims=(8, 16)), 6)
+    counts = [len(onnx_model_proto(export_program(model, dynamic=False, resolution=size, batch=1)).graph.node)
+              for size in (64, (128, 96))]
+    assert counts[0] == counts[1] and 20 < counts[0] < 5000
 
 
-def test_missing_onnxruntime_names_the_extra(monkeypatch):
+def test_missing_onnxruntime_names_the_extra(monkeypatch, cli_export, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ExportError, match=r'pip install "vmamba\[export\]"') as info:
         _require("onnxruntime")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and isinstance(info.value, VMambaError)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(image)
+    result = runner.invoke(app, ["predict", str(image), "--weights", str(cli_export["onnx"])])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        'error: onnxruntime is not installed: pip install "vmamba[export]"']
 
 
 def test_onnx_classifier_rejects_a_bad_file(tmp_path):
@@ -215,35 +244,53 @@ def test_onnx_classifier_rejects_a_bad_file(tmp_path):
 # torch.export
 # ------------------------------------------------------------------------------------------------
 
-def test_pt2_round_trip_other_batch_and_size(tmp_path):
-    model = _prepared(VSSM(_shrunk("vmamba-v0-tiny")), 3)
-    path = export_pt2(model, tmp_path / "m.pt2", resolution=64)
-    program = torch.export.load(str(path))
+def test_pt2_round_trip_other_batch_and_size(cli_export, tmp_path):
+    out = tmp_path / "m.pt2"
+    result = runner.invoke(app, ["export", "--weights", str(cli_export["weights"]), "--format", "pt2", "--out",
+                                 str(out), "--resolution", "64"])
+    assert result.exit_code == 0, result.output
+    program = torch.export.load(str(out))
     for shape in [(3, 3, 96, 64), (1, 3, 64, 128)]:
         x = torch.randn(*shape)
         with torch.no_grad():
-            ref = model(x)
-            out = program.module()(x)
-        torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+            torch.testing.assert_close(program.module()(x), cli_export["model"](x), atol=TOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI
+# CLI export, and ONNX files in predict / eval / profile
 # ------------------------------------------------------------------------------------------------
 
-def test_cli_export_onnx_from_saved_weights(tmp_path):
-    model = _prepared(VSSM(_shrunk("vmamba-tiny-s2l5")), 4)
-    weights = save_model(tmp_path / "w.safetensors", model, name="vmamba-tiny-s2l5",
-                         class_names=[f"k{i}" for i in range(37)])
-    out = tmp_path / "out" / "m.onnx"
+NAMES = [f"k{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory):
+    """`vmamba export` of saved weights (a shrunk vmamba-tiny-s2l5 with 10 named classes)."""
+    root = tmp_path_factory.mktemp("cli")
+    model = _build(_shrunk("vmamba-tiny-s2l5", num_classes=10), 4)
+    weights = save_model(root / "w.safetensors", model, name="vmamba-tiny-s2l5", class_names=NAMES)
+    out = root / "out" / "m.onnx"
     result = runner.invoke(app, ["export", "--weights", str(weights), "--format", "onnx", "--out", str(out),
                                  "--resolution", "64"])
+    return {"model": model, "weights": weights, "onnx": out, "result": result}
+
+
+def test_cli_export_onnx_from_saved_weights(cli_export):
+    result, out, model = cli_export["result"], cli_export["onnx"], cli_export["model"]
     assert result.exit_code == 0, result.output
     clf = OnnxClassifier(out)
-    assert clf.class_names[:2] == ["k0", "k1"] and clf.name == "vmamba-tiny-s2l5"
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert float(np.abs(clf(x) - model(x).numpy()).max()) <= TOL
+    assert clf.class_names == NAMES and clf.name == "vmamba-tiny-s2l5" and clf.num_classes == 10
+    # The weights' preset, at the export's example size.
+    assert clf.preprocess == Preprocess(input_size=64)
+    assert json.loads(clf.metadata["config"])["dims"] == list(model.config.dims)
+    assert 100 < graph_node_count(out) < 5000
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[1].dim_value == 3 and all(d.dim_param for d in (dims[0], dims[2], dims[3]))
+    for i, shape in enumerate(DYNAMIC_SHAPES + [(2, 3, 128, 160)]):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        assert float(np.abs(clf(x) - ref).max()) <= TOL, shape
     assert [p.name for p in out.parent.iterdir()] == ["m.onnx"]     # no temporary left behind
 
 
@@ -256,3 +303,101 @@ def test_cli_export_bad_input_is_one_line(tmp_path):
     result = runner.invoke(app, ["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
                                  "--resolution", "100"])
     assert result.exit_code == 1 and "multiple of 32" in result.output
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Ten class folders named like the model's classes, two small images each."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name in NAMES:
+        (root / name).mkdir()
+        for j in range(2):
+            pixels = rng.integers(0, 256, (48 + 8 * j, 56, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{j}.png")
+    return root
+
+
+def _no_torch_model(monkeypatch):
+    """Fail if the PyTorch model is built (an ONNX file must run without it)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the PyTorch model was built")
+
+    monkeypatch.setattr("vmamba_cli.predict.load_model", refuse)
+    monkeypatch.setattr("vmamba_cli.weights.load_model", refuse)
+    monkeypatch.setattr(VSSM, "__init__", refuse)
+
+
+def test_predict_with_an_onnx_file(cli_export, image_folder, monkeypatch):
+    reference = predict([image_folder], weights=cli_export["weights"], topk=3, device="cpu", resolution=64,
+                        workers=1)
+    _no_torch_model(monkeypatch)
+    report = predict([image_folder], weights=str(cli_export["onnx"]), topk=3, workers=1)
+    assert report.device == "cpu" and report.model == "vmamba-tiny-s2l5" and report.resolution == 64
+    assert not report.failures and len(report.predictions) == len(reference.predictions) == 20
+    for got, ref in zip(report.predictions, reference.predictions):
+        assert got.path == ref.path
+        assert [s.label for s in got.top] == [s.label for s in ref.top]
+        assert max(abs(a.probability - b.probability) for a, b in zip(got.top, ref.top)) <= TOL
+    result = runner.invoke(app, ["predict", str(image_folder / "k3" / "0.png"), "--weights",
+                                 str(cli_export["onnx"]), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["predictions"][0]["top"][0]["label"] in NAMES
+
+
+def test_eval_with_an_onnx_file(cli_export, image_folder, monkeypatch):
+    reference = evaluate(image_folder, weights=cli_export["weights"], resolution=64, device="cpu", workers=0,
+                         predictions=True)
+    _no_torch_model(monkeypatch)
+    result = evaluate(image_folder, weights=str(cli_export["onnx"]), device="cpu", workers=0, predictions=True)
+    assert result.class_mapping == "class-names" and result.resolution == 64
+    assert (result.num_images, result.correct_top1, result.correct_top5) == (
+        reference.num_images, reference.correct_top1, reference.correct_top5)
+    for got, ref in zip(result.predictions, reference.predictions):
+        assert got.topk == ref.topk
+    cli = runner.invoke(app, ["eval", str(image_folder), "--weights", str(cli_export["onnx"]), "--workers", "0",
+                              "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["num_images"] == 20
+
+
+@pytest.fixture
+def small_registered(monkeypatch):
+    """A registered model name for the shrunk s2l5 configuration (profile builds models by name)."""
+    import vmamba_cli.model as model_module
+
+    config = _shrunk("vmamba-tiny-s2l5", num_classes=10)
+    spec = model_module.ModelSpec("vmamba-export-test", config, "-", "-", "export_test.pth", "#", 0.0, None, 0, 0)
+    monkeypatch.setitem(model_module.MODELS, spec.name, spec)
+    monkeypatch.setitem(model_module._ALIASES, spec.name, spec.name)
+    return spec
+
+
+def test_profile_times_onnxruntime_beside_eager(cli_export, small_registered, monkeypatch):
+    # The export itself is covered above; here it copies the already exported file of the same
+    # configuration (other weights: only the timing is under test), recording what it was given.
+    exported_models = []
+
+    def fake_export(model, path, **kwargs):
+        exported_models.append(model)
+        return shutil.copyfile(cli_export["onnx"], path)
+
+    monkeypatch.setattr("vmamba_cli.profile.export_onnx", fake_export)
+    rows = profile([small_registered.name], [64, 96], runtimes=["onnxruntime"], device="cpu", warmup=0, iters=1,
+                   scan_bandwidth=False)
+    assert [(r.get("runtime"), r["resolution"]) for r in rows] == [
+        (None, 64), ("onnxruntime", 64), (None, 96), ("onnxruntime", 96)]
+    assert len(exported_models) == 1 and isinstance(exported_models[0], VSSM)     # exported once per model
+    for row in rows:
+        assert row["status"] == "ok" and row["images_per_s"] > 0, row
+    assert rows[1]["vs"]["reference"] == small_registered.name and rows[1]["vs"]["images_per_s"] > 0
+    with pytest.raises(ValueError, match="unknown runtime"):
+        profile([small_registered.name], [64], runtimes=["tensorrt"], scan_bandwidth=False)
+    result = runner.invoke(app, ["profile", "-m", small_registered.name, "-r", "64", "--runtime", "torch",
+                                 "onnxruntime", "--device", "cpu", "--warmup", "0", "--iters", "1",
+                                 "--no-scan-bandwidth", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [r.get("runtime") for r in document["rows"]] == [None, "onnxruntime"]
+    assert "--runtime torch onnxruntime" in document["command"]

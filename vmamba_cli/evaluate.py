@@ -32,6 +32,7 @@ from vmamba_cli.data import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Preprocess, c
                              find_images, load_image)
 from vmamba_cli.errors import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EXIT_USAGE, DataError, ImageError,  # noqa: F401
                                InputError)
+from vmamba_cli.export import is_onnx_file, load_onnx
 from vmamba_cli.metrics import TOPK, TopKAccumulator
 from vmamba_cli.runtime import Dist, amp_name, autocast, check_memory, check_resolution, process_group, resolve_amp
 
@@ -366,7 +367,9 @@ def _load(model, weights, ema: bool, class_names, allow_non_finite: bool = False
         return _Loaded(model, type(model).__name__, None, Preprocess(), names)
     from vmamba_cli.weights import load_model
 
-    loaded = load_model(model, weights, ema=ema, allow_non_finite=allow_non_finite)
+    # An .onnx file runs in onnxruntime, with its own class names and preset.
+    loaded = (load_onnx(weights) if is_onnx_file(weights)
+              else load_model(model, weights, ema=ema, allow_non_finite=allow_non_finite))
     names = list(class_names) if class_names is not None else loaded.class_names
     return _Loaded(loaded.model, loaded.name, loaded.source, loaded.preprocess, names)
 

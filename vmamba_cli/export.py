@@ -2,36 +2,50 @@
 
 Both paths trace the model with the "chunked" scan backend (``vmamba_cli.kernels.chunked``), whose
 scan is one registered operator. ``export_pt2`` keeps that operator in the program (loading the
-file needs ``vmamba_cli`` imported, which registers it). ``export_onnx`` lowers it to the chunked
-closed form in plain ONNX operators (``_chunked_scan_onnx``): chunk sums, masked cumulative sums,
-Exp, MatMul, with every size taken from the input shapes at run time, so one graph serves every
-batch and image size and its node count does not depend on them. Nothing in a custom domain is
-emitted: stock onnxruntime (or any ONNX runtime) runs the file.
+file needs ``vmamba_cli`` imported, which registers it). ``export_onnx`` lowers it to plain ONNX
+operators, chosen by ``lowering`` (``LOWERINGS``):
+
+* "scan8" (default): an ONNX ``Scan`` over the sequence whose body advances the recurrence
+  ``h = exp(dt*A) * h + dt*B*u`` eight steps per iteration (``_scan_body``); the step sizes, decays
+  and drives before it and ``y = C h`` after it are batched operators over the whole sequence.
+  Eight steps per iteration spread Scan's per-iteration cost; "scan" (one step) and "scan16" are
+  the same with 1 and 16 steps.
+* "chunked": the chunked closed form (``_chunked_scan_onnx``: chunk sums, masked cumulative sums,
+  Exp, MatMul), no loop at all, at the price of CHUNK times more exponentials and memory.
+
+Every size is taken from the input shapes at run time, so one graph serves every batch and image
+size and its node count does not depend on them. Nothing in a custom domain is emitted: stock
+onnxruntime (or any ONNX runtime) runs the file.
 
 The exporter is ``torch.onnx.export(..., dynamo=True)`` on the ExportedProgram (the TorchScript
 exporter would trace the composite scan with the sizes of the example baked into its reshapes).
 
 The ONNX file carries, in ``metadata_props``: ``vmamba.model``, ``vmamba.class_names`` (JSON list),
-``vmamba.preprocess`` (JSON: resolution, crop_pct, interpolation, mean, std; docs/design.md §10),
-``vmamba.config`` (the VMambaConfig as JSON) and ``vmamba.opset``. ``OnnxClassifier`` reads them back
-and runs the file with onnxruntime, without building the PyTorch model.
+``vmamba.preprocess`` (JSON of ``model.Preprocess``: input_size, crop_pct, interpolation, mean, std;
+docs/design.md §10), ``vmamba.config`` (the VMambaConfig as JSON) and ``vmamba.opset``.
+``OnnxClassifier`` reads them back and runs the file with onnxruntime, without building the PyTorch
+model; ``load_onnx`` wraps it as a ``LoadedModel`` for `vmamba predict` / `vmamba eval`.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from vmamba_cli.data import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from vmamba_cli.errors import VMambaError
+from vmamba_cli.kernels.chunked import LEVELS
+from vmamba_cli.model import VSSM, Preprocess, VMambaConfig
+from vmamba_cli.weights import LoadedModel, atomic_write
 
 DEFAULT_OPSET = 18
+DEFAULT_LOWERING = "scan8"
 EXPORT_BACKEND = "chunked"
 INSTALL_HINT = 'pip install "vmamba[export]"'
 # Height and width of a dynamic export are multiples of this: the stem divides by 4 and three
@@ -41,13 +55,12 @@ _MAX_UNITS = 1024                   # dynamic sizes up to 32 * 1024 pixels a sid
 _META_PREFIX = "vmamba."
 
 
-class ExportError(RuntimeError):
-    """An export or an exported file that cannot be used; the message is one line."""
+class ExportError(VMambaError, RuntimeError):
+    """An export or an exported file that cannot be used (or a missing optional package); one line."""
 
 
 def _require(module: str):
-    import importlib
-
+    """Import an optional dependency of the ``export`` extra, or say in one line how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -55,32 +68,10 @@ def _require(module: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# Preprocessing preset and metadata
+# Metadata
 # ------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class PreprocessPreset:
-    """What `vmamba predict` does to an image before the model (docs/design.md §10)."""
-
-    resolution: int = 224
-    crop_pct: float = DEFAULT_CROP_PCT
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessPreset":
-        d = dict(d)
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(float(v) for v in d[key])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def _metadata(model, *, name: str, class_names: Sequence[str] | None, preprocess: PreprocessPreset,
+def _metadata(model, *, name: str, class_names: Sequence[str] | None, preprocess: Preprocess,
               opset: int | None) -> dict[str, str]:
     meta = {
         "model": name,
@@ -109,9 +100,12 @@ def _strip_flop_markers(program) -> None:
 
 
 def _export_copy(model):
-    """A CPU float32 eval copy of ``model`` using the exportable scan (the caller's model is untouched)."""
+    """A CPU float32 eval copy of ``model`` (a VSSM, or a module holding VSSMs) using the exportable scan;
+    the caller's model is untouched."""
     net = copy.deepcopy(model).to("cpu", torch.float32).eval()
-    net.set_scan_backend(EXPORT_BACKEND)
+    for module in net.modules():
+        if isinstance(module, VSSM):
+            module.set_scan_backend(EXPORT_BACKEND)
     return net
 
 
@@ -127,7 +121,8 @@ def export_program(model, *, dynamic: bool = True, resolution: int | tuple[int, 
         raise ValueError(f"a dynamic export needs a resolution that is a multiple of {SIZE_MULTIPLE}, "
                          f"got {height}x{width}")
     net = _export_copy(model)
-    example = torch.randn(max(batch, 2) if dynamic else batch, net.config.in_chans, height, width)
+    channels = getattr(getattr(net, "config", None), "in_chans", 3)
+    example = torch.randn(max(batch, 2) if dynamic else batch, channels, height, width)
     shapes = None
     if dynamic:
         Dim = torch.export.Dim
@@ -141,34 +136,92 @@ def export_program(model, *, dynamic: bool = True, resolution: int | tuple[int, 
     return program
 
 
-def _atomic(path: str | os.PathLike, write) -> Path:
-    from vmamba_cli.weights.loading import atomic_write
-
-    return atomic_write(path, write)
-
-
 def export_pt2(model, path: str | os.PathLike, *, dynamic: bool = True, resolution: int | tuple[int, int] = 224,
                batch: int = 2) -> Path:
     """Write the ExportedProgram with ``torch.export.save`` (atomically)."""
-    program = export_program(model, dynamic=dynamic, resolution=resolution, batch=batch)
-    return _atomic(path, lambda tmp: torch.export.save(program, tmp))
+    return save_pt2(export_program(model, dynamic=dynamic, resolution=resolution, batch=batch), path)
+
+
+def save_pt2(program, path: str | os.PathLike) -> Path:
+    """Write an ExportedProgram from ``export_program`` with ``torch.export.save`` (atomically)."""
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
 
 
 # ------------------------------------------------------------------------------------------------
 # ONNX lowering of the chunked scan
 # ------------------------------------------------------------------------------------------------
 
+def _scan_body(steps: int):
+    """Body of the ONNX Scan, ``steps`` steps of the recurrence per iteration.
+
+    State h (..., 1); inputs decay and x (..., steps) -> (h after the last step, h after each step).
+    Several steps per iteration spread the per-iteration cost of Scan over more work.
+    """
+    from onnxscript import ir
+    from onnx import TensorProto, helper
+
+    def value(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+
+    nodes = [helper.make_node("Split", ["decay"], [f"d{i}" for i in range(steps)], axis=-1, num_outputs=steps),
+             helper.make_node("Split", ["x"], [f"x{i}" for i in range(steps)], axis=-1, num_outputs=steps)] \
+        if steps > 1 else [helper.make_node("Identity", ["decay"], ["d0"]), helper.make_node("Identity", ["x"], ["x0"])]
+    state = "h"
+    for i in range(steps):
+        nodes += [helper.make_node("Mul", [f"d{i}", state], [f"kept{i}"]),
+                  helper.make_node("Add", [f"kept{i}", f"x{i}"], [f"h{i}"])]
+        state = f"h{i}"
+    nodes += [helper.make_node("Identity", [state], ["h_next"]),
+              helper.make_node("Concat", [f"h{i}" for i in range(steps)], ["h_out"], axis=-1)]
+    graph = helper.make_graph(nodes, "selective_scan_steps", [value("h"), value("decay"), value("x")],
+                              [value("h_next"), value("h_out")])
+    return ir.serde.deserialize_graph(graph)
+
+
+def _scan_op(opset):
+    """ONNX Scan with one state and one scan input pair, as an onnxscript op of two outputs.
+
+    Scan's outputs are one variadic list (final states, then scan outputs); the exporter's recorder
+    gives a variadic list one output, so the op is described by a schema naming the two outputs.
+    """
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op
+
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    schema = OpSchema(
+        "Scan", "", 16, inputs=[P("h0", "T"), P("decay", "T"), P("x", "T")],
+        outputs=[P("h_last", "T"), P("h_all", "T")], type_constraints=[("T", ["tensor(float)"], "")],
+        attributes=[A("body", OpSchema.AttrType.GRAPH), A("num_scan_inputs", OpSchema.AttrType.INT),
+                    A("scan_input_axes", OpSchema.AttrType.INTS, required=False),
+                    A("scan_output_axes", OpSchema.AttrType.INTS, required=False)])
+    return Op(opset, "Scan", schema)
+
+
+def _scan_onnx_sequential(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
+                          chunk: int = 8):
+    return _chunked_scan_onnx(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk, sequential=1)
+
+
+def _scan_onnx_sequential8(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
+                           chunk: int = 8):
+    return _chunked_scan_onnx(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk, sequential=8)
+
+
+def _scan_onnx_sequential16(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
+                            chunk: int = 8):
+    return _chunked_scan_onnx(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk, sequential=16)
+
+
 def _chunked_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
-                       chunk: int = 8):
+                       chunk: int = 8, sequential: int = 0):
     """vmamba::chunked_selective_scan in standard ONNX operators (opset >= 18).
 
     The same closed form as ``kernels.chunked.selective_scan_chunked``: LEVELS - 1 chunked levels,
-    then all pairs (CHUNK = 8, LEVELS = 4). Sizes (sequence length, chunk counts, padding) are computed from Shape at run
-    time, so no size of the example is baked in.
+    then all pairs (CHUNK = 8, LEVELS = 4). Sizes (sequence length, chunk counts, padding) are computed
+    from Shape at run time, so no size of the example is baked in. With ``sequential`` the recurrence is
+    an ONNX Scan over the sequence instead (``_scan_onnx_sequential``).
     """
     from onnxscript import opset18 as op
-
-    from vmamba_cli.kernels.chunked import LEVELS
 
     def i64(*values):
         return op.Constant(value=_onnx_tensor(np.array(values, dtype=np.int64)))
@@ -191,6 +244,19 @@ def _chunked_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 
     def recurrence(a, x, levels):
         # a, x: rank 4 (B, KD, N, L') -> h of the same shape.
+        if sequential:
+            # (B, KD, N, L) -> (B, KD, N, M, steps), padded with decay 1 / drive 0 at the end; Scan over M.
+            length = op.Shape(a, start=3, end=4)
+            pad = op.Mod(op.Sub(i64(sequential), op.Mod(length, i64(sequential))), i64(sequential))
+            pads = op.Concat(i64(0, 0, 0, 0, 0, 0, 0), pad, axis=0)
+            shape = op.Concat(op.Shape(a, start=0, end=3), i64(-1, sequential), axis=0)
+            decay = op.Reshape(op.Pad(op.Exp(a), pads, f32(1.0)), shape)
+            drive = op.Reshape(op.Pad(x, pads, zero), shape)
+            h0 = op.ConstantOfShape(op.Concat(op.Shape(a, start=0, end=3), i64(1), axis=0))
+            _, hs = _scan_op(op)(h0, decay, drive, body=_scan_body(sequential), num_scan_inputs=2,
+                                 scan_input_axes=[3, 3], scan_output_axes=[3])
+            flat = op.Reshape(hs, op.Concat(op.Shape(a, start=0, end=3), i64(-1), axis=0))
+            return op.Slice(flat, i64(0), length, i64(-1))
         if levels <= 1:
             return all_pairs(a, x)
         length = op.Shape(a, start=3, end=4)
@@ -234,43 +300,62 @@ def _onnx_tensor(array: np.ndarray):
     return numpy_helper.from_array(array)
 
 
+# How the scan operator becomes ONNX (see the module docstring; benchmarks/bench_onnx_cpu.py compares them).
+LOWERINGS = {"scan": _scan_onnx_sequential, "scan8": _scan_onnx_sequential8, "scan16": _scan_onnx_sequential16,
+             "chunked": _chunked_scan_onnx}
+
 # ------------------------------------------------------------------------------------------------
 # ONNX export
 # ------------------------------------------------------------------------------------------------
 
-def default_preprocess(resolution: int = 224) -> PreprocessPreset:
-    return PreprocessPreset(resolution=resolution)
+def onnx_model_proto(program, *, opset: int = DEFAULT_OPSET, output_names: Sequence[str] | None = ("logits",),
+                     lowering: str = DEFAULT_LOWERING):
+    """The ONNX ModelProto of an ExportedProgram from ``export_program`` (input ``x``), no metadata.
+
+    ``output_names`` None leaves the exporter's names (a program of several outputs). ``lowering`` is
+    how the scan becomes ONNX (``LOWERINGS``).
+    """
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown scan lowering {lowering!r}; choose from {', '.join(LOWERINGS)}")
+    _require("onnx")
+    _require("onnxscript")
+    if opset < 18:
+        raise ValueError(f"opset {opset} is too old: the scan lowering needs opset 18 or newer")
+    table = {torch.ops.vmamba.chunked_selective_scan.default: LOWERINGS[lowering]}
+    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, custom_translation_table=table,
+                                     input_names=["x"], output_names=list(output_names) if output_names else None,
+                                     verbose=False, optimize=True)
+    proto = onnx_program.model_proto
+    custom = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        raise ExportError(f"the exported graph uses non-standard operator domains {custom}")
+    return proto
 
 
 def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dynamic: bool = True,
                 resolution: int | tuple[int, int] = 224, batch: int = 2, name: str = "custom",
-                class_names: Sequence[str] | None = None, preprocess: PreprocessPreset | None = None) -> Path:
+                class_names: Sequence[str] | None = None, preprocess: Preprocess | None = None,
+                lowering: str = DEFAULT_LOWERING) -> Path:
     """Write ``model`` as an ONNX file of standard operators (atomically) and return its path.
 
     Input ``x`` (batch, 3, height, width) float32 -> output ``logits`` (batch, classes). With
     ``dynamic`` batch, height and width are free (heights and widths multiples of 32, at least 64).
+    ``preprocess`` (recorded in the metadata) defaults to the default preset at the example's height.
     """
     onnx = _require("onnx")
     _require("onnxscript")
     if opset < 18:
         raise ValueError(f"opset {opset} is too old: the scan lowering needs opset 18 or newer")
     program = export_program(model, dynamic=dynamic, resolution=resolution, batch=batch)
-    table = {torch.ops.vmamba.chunked_selective_scan.default: _chunked_scan_onnx}
-    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, custom_translation_table=table,
-                                     input_names=["x"], output_names=["logits"], verbose=False,
-                                     optimize=True)
-    proto = onnx_program.model_proto
-    custom = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
-    if custom:
-        raise ExportError(f"the exported graph uses non-standard operator domains {custom}")
+    proto = onnx_model_proto(program, opset=opset, lowering=lowering)
     height = resolution if isinstance(resolution, int) else resolution[0]
     meta = _metadata(model, name=name, class_names=class_names,
-                     preprocess=preprocess or default_preprocess(height), opset=opset)
+                     preprocess=preprocess or Preprocess(input_size=height), opset=opset)
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    return _atomic(path, lambda tmp: onnx.save_model(proto, tmp))
+    return atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
 
 
 def graph_node_count(path: str | os.PathLike) -> int:
@@ -307,10 +392,13 @@ class OnnxClassifier:
         meta = {k[len(_META_PREFIX):]: v for k, v in raw.items() if k.startswith(_META_PREFIX)}
         self.metadata = meta
         self.name = meta.get("model", "custom")
-        names = json.loads(meta["class_names"]) if "class_names" in meta else None
-        self.class_names = list(names) if isinstance(names, list) else None
-        self.preprocess = (PreprocessPreset.from_dict(json.loads(meta["preprocess"])) if "preprocess" in meta
-                           else PreprocessPreset())
+        try:
+            names = json.loads(meta["class_names"]) if "class_names" in meta else None
+            self.preprocess = (Preprocess.from_dict(json.loads(meta["preprocess"])) if "preprocess" in meta
+                               else Preprocess())
+        except (ValueError, TypeError) as exc:     # json.JSONDecodeError is a ValueError too
+            raise ExportError(f"{self.path}: bad vmamba metadata ({exc})") from None
+        self.class_names = [str(n) for n in names] if isinstance(names, list) else None
         self.input_name = self.session.get_inputs()[0].name
 
     @property
@@ -325,5 +413,38 @@ class OnnxClassifier:
         return self.session.run(None, {self.input_name: batch})[0]
 
 
-__all__ = ["export_onnx", "export_pt2", "export_program", "OnnxClassifier", "PreprocessPreset", "ExportError",
-           "graph_node_count", "DEFAULT_OPSET", "SIZE_MULTIPLE", "INSTALL_HINT"]
+class OnnxModule(torch.nn.Module):
+    """An ``OnnxClassifier`` behind the ``nn.Module`` interface, so that the predict and eval loops run
+    an ONNX file unchanged: float32 logits come back on the input's device. ``config`` is the
+    VMambaConfig from the metadata (its ``num_classes`` sizes the head); no PyTorch model is built."""
+
+    def __init__(self, classifier: OnnxClassifier):
+        super().__init__()
+        self.classifier = classifier
+        raw = classifier.metadata.get("config")
+        try:
+            self.config = VMambaConfig.from_dict(json.loads(raw)) if raw else None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ExportError(f"{classifier.path}: bad vmamba.config metadata ({exc})") from None
+        self.num_classes = classifier.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.classifier(x)).to(x.device)
+
+
+def is_onnx_file(weights) -> bool:
+    """Whether a ``--weights`` value names an ONNX file (by its suffix), to be run by onnxruntime."""
+    return isinstance(weights, (str, os.PathLike)) and str(weights).lower().endswith(".onnx")
+
+
+def load_onnx(path: str | os.PathLike, *, threads: int | None = None) -> LoadedModel:
+    """An exported file as a ``LoadedModel`` (model: ``OnnxModule``; name, class names and preprocessing
+    preset from the file's metadata), for the code paths that take one."""
+    classifier = OnnxClassifier(path, threads=threads)
+    return LoadedModel(model=OnnxModule(classifier), name=classifier.name, class_names=classifier.class_names,
+                       source=str(path), metadata=dict(classifier.metadata), preprocess=classifier.preprocess)
+
+
+__all__ = ["export_onnx", "export_pt2", "save_pt2", "export_program", "onnx_model_proto", "OnnxClassifier",
+           "OnnxModule", "ExportError", "is_onnx_file", "load_onnx", "graph_node_count", "DEFAULT_OPSET",
+           "DEFAULT_LOWERING", "LOWERINGS", "SIZE_MULTIPLE", "INSTALL_HINT"]

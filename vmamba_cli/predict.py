@@ -18,6 +18,7 @@ import torch
 
 from vmamba_cli.data import DEFAULT_MAX_PIXELS, eval_transform, find_images, load_image
 from vmamba_cli.errors import ImageError, InputError
+from vmamba_cli.export import is_onnx_file, load_onnx
 from vmamba_cli.model import DEFAULT_MODEL
 from vmamba_cli.runtime import (AMP_CHOICES, MAX_RESOLUTION, MIN_RESOLUTION, amp_name, autocast, check_memory,
                                 check_resolution, resolve_amp, select_device)
@@ -110,7 +111,8 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
     """Top-``topk`` classes for every image found in ``inputs`` (files, folders, glob patterns).
 
     ``model`` is a registered name (default vmamba-tiny) or an already loaded ``LoadedModel``;
-    ``weights`` a local ``.pth``/``.safetensors``, a registry name or a URL. With neither
+    ``weights`` a local ``.pth``/``.safetensors``, a registry name or a URL, or an ``.onnx`` file from
+    `vmamba export` (run by onnxruntime on the CPU, with the file's class names and preset). With neither
     ``weights`` nor a loaded model, the official checkpoint of ``model`` is used (downloaded once into
     the cache). Images are preprocessed with the model's preset (``LoadedModel.preprocess``: the
     input size and crop a checkpoint recorded); ``resolution`` / ``crop_pct`` override it. ``amp``
@@ -130,10 +132,15 @@ def predict(inputs: Iterable[str | os.PathLike], *, model=None, weights=None, to
         raise InputError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if amp not in AMP_CHOICES:
         raise InputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    onnx = not isinstance(model, LoadedModel) and is_onnx_file(weights)
+    if onnx:  # onnxruntime on the CPU, float32; the PyTorch model is never built
+        device, amp = "cpu", "none"
     dev = select_device(device)
     amp_dtype = resolve_amp(amp, dev)
     if isinstance(model, LoadedModel):
         loaded = model
+    elif onnx:
+        loaded = load_onnx(weights)
     else:
         loaded = load_model(model, weights if weights is not None else (model or DEFAULT_MODEL), ema=ema,
                             allow_non_finite=allow_non_finite)

@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vmamba_cli.export import export_onnx, load_onnx
 from vmamba_cli.flops import count_flops
 from vmamba_cli.runtime import autocast
 from vmamba_cli.peers import build_peer, is_vit
@@ -54,6 +56,8 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Row fields compared against the reference (first VMamba) model at the same resolution.
+# Extra runtimes ``profile(runtimes=...)`` times beside eager PyTorch, one row each per VMamba model.
+EXTRA_RUNTIMES = ("onnxruntime",)
 RATIO_METRICS = ("images_per_s", "latency_ms", "train_images_per_s", "peak_memory_mb", "flops", "params")
 _MiB = float(1 << 20)
 
@@ -503,7 +507,7 @@ def _compiled_row(row: dict, model: nn.Module, options: ProfileOptions, train: b
     keep = ("model", "family", "resolution", "device", "dtype", "requested_batch_size", "scan_backend", "flops",
             "flops_method", "params", "gflops")
     compiled_row = {key: row[key] for key in keep if key in row}
-    compiled_row["compiled"] = True
+    compiled_row.update(compiled=True, runtime="compiled")
     compiled = torch.compile(model)
     opts = replace(options, warmup=max(1, options.warmup))
     name, resolution = row["model"], row["resolution"]
@@ -518,13 +522,37 @@ def _compiled_row(row: dict, model: nn.Module, options: ProfileOptions, train: b
     return compiled_row
 
 
+def _onnxruntime_row(eager: dict, model: nn.Module, resolution: int, batch_size: int, options: ProfileOptions,
+                     threads: int | None, runner: Callable[[MeasureTask], dict], log, exported: dict) -> dict:
+    """The onnxruntime row of one VMamba model at one resolution (CPU, float32, the eager row's weights)."""
+    name = eager["model"]
+    row = {key: eager.get(key) for key in ("model", "family", "resolution", "requested_batch_size", "flops",
+                                           "flops_method", "gflops", "params")}
+    row.update(runtime="onnxruntime", device="cpu", dtype="float32", scan_backend="onnx (chunked closed form)")
+    try:
+        if "module" not in exported:
+            log(f"{name}: exporting to ONNX for onnxruntime")
+            with tempfile.TemporaryDirectory() as tmp:
+                path = export_onnx(model, os.path.join(tmp, "model.onnx"), name=name,
+                                   resolution=max(64, resolution - resolution % 32))
+                exported["module"] = load_onnx(path, threads=threads).model
+    except Exception as exc:  # noqa: BLE001 - a failing row must not end the run
+        row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return row
+    cpu_options = ProfileOptions(device=torch.device("cpu"), warmup=options.warmup, iters=options.iters)
+    task = MeasureTask(name, exported["module"], resolution, batch_size, "inference", cpu_options)
+    status, used, result, error = _with_oom_retry(runner, task, None, log)
+    row.update(status=status, batch_size=used, error=error, **result)
+    return row
+
+
 def profile(models: Sequence[str] = ("vmamba-tiny",), resolutions: Sequence[int] = (224,), *,
             compare: Sequence[str] = (), batch_size: int | None = None, device: str | torch.device = "auto",
             dtype: str = "float32", train: bool = False, warmup: int | None = None, iters: int | None = None,
             threads: int | None = None, channels_last: bool = False, scan_bandwidth: bool = True,
             bandwidth_gbs: float | None = None, runner: Callable[[MeasureTask], dict] | None = None,
             log: Callable[[str], None] | None = None, on_row: Callable[[dict], None] | None = None,
-            compile: bool = False) -> list[dict]:
+            compile: bool = False, runtimes: Sequence[str] = ()) -> list[dict]:
     """Measure every model (VMamba names, then torchvision ``compare`` names) at every resolution.
 
     Defaults: batch 1 / warm-up 2 / 5 timed runs on CPU, batch 32 / 10 / 30 on CUDA. ``dtype`` other
@@ -532,6 +560,9 @@ def profile(models: Sequence[str] = ("vmamba-tiny",), resolutions: Sequence[int]
     Returns one dict per (model, resolution), VMamba models first, each with ``vs`` ratios against
     the first VMamba model at the same resolution. ``compile`` adds a row per model measured under
     ``torch.compile`` (``"compiled": True``) after its eager row; its warm-up includes the compile.
+    ``runtimes`` ("onnxruntime") adds, after each VMamba model's eager row, a row for the same weights
+    in that runtime (``runtime`` key; the model is exported once to a temporary ONNX file, dynamic in
+    size, and run by onnxruntime on the CPU).
     """
     from vmamba_cli import kernels
     from vmamba_cli.model import get_model_spec, resolve_model_name
@@ -547,6 +578,9 @@ def profile(models: Sequence[str] = ("vmamba-tiny",), resolutions: Sequence[int]
             raise ValueError(f"resolution {r} is too small (VMamba downsamples by 32)")
     names = [resolve_model_name(m) for m in models]
     _check_peers(compare)
+    unknown = [r for r in runtimes if r not in EXTRA_RUNTIMES]
+    if unknown:
+        raise ValueError(f"unknown runtime {unknown[0]!r}; choose from torch, {', '.join(EXTRA_RUNTIMES)}")
     if threads:
         torch.set_num_threads(int(threads))
     if isinstance(device, str) and device == "auto":
@@ -569,6 +603,7 @@ def profile(models: Sequence[str] = ("vmamba-tiny",), resolutions: Sequence[int]
         log(f"memory bandwidth (copy): {options.bandwidth_gbs:.1f} GB/s")
 
     rows: list[dict] = []
+    exported: dict = {}                 # the ONNX model of the current VMamba model, exported once
     entries = [(n, "vmamba") for n in names] + [(n, "torchvision") for n in compare]
     for name, family in entries:
         slot = _ModelSlot(name, family, options)
@@ -624,7 +659,14 @@ def profile(models: Sequence[str] = ("vmamba-tiny",), resolutions: Sequence[int]
                 rows.append(compiled_row)
                 if on_row:
                     on_row(compiled_row)
+            if family == "vmamba" and "onnxruntime" in runtimes:
+                onnx_row = _onnxruntime_row(row, model, resolution, batch_size, options, threads, runner, log,
+                                            exported)
+                rows.append(onnx_row)
+                if on_row:
+                    on_row(onnx_row)
         slot.release()
+        exported.clear()
     _add_ratios(rows)
     return rows
 

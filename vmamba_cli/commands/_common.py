@@ -8,6 +8,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vmamba_cli import jsonout
 from vmamba_cli.errors import EXIT_ERROR, VMambaError
@@ -18,7 +19,8 @@ console = Console(stderr=True)
 
 def fail(message: str, code: int = EXIT_ERROR) -> "typer.Exit":
     """Print ``error: message`` on one line and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    # The message is plain text: brackets in it (`pip install "vmamba[export]"`) are not markup.
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

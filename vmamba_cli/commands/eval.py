@@ -125,7 +125,8 @@ def register(app: typer.Typer) -> None:
                                                   "vmamba-tiny; taken from the file for our .safetensors). "
                                                   "Repeat to pair with several --weights."),
         weights: Optional[List[str]] = typer.Option(None, "--weights", "-w", help="Checkpoint: official .pth, "
-                                                    "our .safetensors, or a registered weights name / URL. "
+                                                    "our .safetensors, a registered weights name / URL, or an .onnx file from "
+                                                    "`vmamba export` (run by onnxruntime). "
                                                     "Repeat to compare several models (one table row and "
                                                     "one plot line each)."),
         ema: bool = typer.Option(False, "--ema", help="Use the EMA weights of an official checkpoint."),

@@ -10,6 +10,9 @@ from typing import Optional
 import typer
 
 from vmamba_cli.commands._common import console, fail, user_errors
+from vmamba_cli.export import DEFAULT_OPSET, SIZE_MULTIPLE, export_onnx, export_pt2
+from vmamba_cli.model import DEFAULT_MODEL
+from vmamba_cli.weights import load_model
 
 
 class ExportFormat(str, Enum):
@@ -29,33 +32,35 @@ def register(app: typer.Typer) -> None:
         weights: Optional[str] = typer.Option(None, "--weights", "-w", show_default=False,
                                               help="Local .pth/.safetensors, a registry name or an http(s) URL "
                                                    "\\[default: the official checkpoint of --model]."),
-        opset: int = typer.Option(18, "--opset", min=18, help="ONNX opset (onnx format only)."),
+        opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=18, help="ONNX opset (onnx format only)."),
         dynamic: bool = typer.Option(True, "--dynamic/--no-dynamic",
                                      help="Free batch, height and width (multiples of 32); otherwise fixed to "
                                           "--resolution and batch 1."),
-        resolution: int = typer.Option(224, "--resolution", "-r", min=32,
-                                       help="Example (or, with --no-dynamic, the fixed) input size."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", "-r", min=32, show_default=False,
+                                                 help="Example (or, with --no-dynamic, the fixed) input size, "
+                                                      "recorded as the file's input size \\[default: the "
+                                                      "input size of the weights' preset]."),
         ema: bool = typer.Option(False, "--ema", help="Use the model_ema entry of an official .pth."),
     ):
         """Export a classifier for deployment: ONNX for onnxruntime / TensorRT / OpenVINO, or a .pt2 program."""
-        from vmamba_cli.export import ExportError, export_onnx, export_pt2
-        from vmamba_cli.model import DEFAULT_MODEL
-        from vmamba_cli.weights import load_model
-
-        if dynamic and resolution % 32:
-            raise fail(f"--resolution {resolution}: a dynamic export needs a multiple of 32")
+        if dynamic and resolution is not None and resolution % SIZE_MULTIPLE:
+            raise fail(f"--resolution {resolution}: a dynamic export needs a multiple of {SIZE_MULTIPLE}")
         with user_errors():
-            try:
-                loaded = load_model(model, weights if weights is not None else (model or DEFAULT_MODEL), ema=ema)
-                start = time.perf_counter()
-                if fmt is ExportFormat.onnx:
-                    path = export_onnx(loaded.model, out, opset=opset, dynamic=dynamic, resolution=resolution,
-                                       batch=2 if dynamic else 1, name=loaded.name,
-                                       class_names=loaded.class_names)
-                else:
-                    path = export_pt2(loaded.model, out, dynamic=dynamic, resolution=resolution,
-                                      batch=2 if dynamic else 1)
-            except ExportError as exc:
-                raise fail(str(exc)) from None
+            loaded = load_model(model, weights if weights is not None else (model or DEFAULT_MODEL), ema=ema)
+            if resolution is None:
+                resolution = loaded.preprocess.input_size
+                if dynamic and resolution % SIZE_MULTIPLE:
+                    raise fail(f"the preset's input size {resolution} is not a multiple of {SIZE_MULTIPLE}: "
+                               f"give --resolution")
+            start = time.perf_counter()
+            if fmt is ExportFormat.onnx:
+                # The metadata records the preset predict/eval use with the file: the weights' own, at
+                # the example's size.
+                path = export_onnx(loaded.model, out, opset=opset, dynamic=dynamic, resolution=resolution,
+                                   batch=2 if dynamic else 1, name=loaded.name, class_names=loaded.class_names,
+                                   preprocess=loaded.preprocess.with_overrides(input_size=resolution))
+            else:
+                path = export_pt2(loaded.model, out, dynamic=dynamic, resolution=resolution,
+                                  batch=2 if dynamic else 1)
         console.print(f"wrote {path} ({fmt.value}, {loaded.name}, weights: {loaded.source or 'random init'}) "
                       f"in {time.perf_counter() - start:.1f} s", highlight=False, soft_wrap=True)

@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
                                                  "official --weights]."),
         weights: Optional[str] = typer.Option(None, "--weights", "-w", show_default=False,
                                               help="Local .pth/.safetensors, a registry name (`vmamba weights "
-                                                   "list`) or an http(s) URL \\[default: the official checkpoint "
+                                                   "list`), an http(s) URL, or an .onnx file from `vmamba export` "
+                                                   "(run by onnxruntime) \\[default: the official checkpoint "
                                                    "of --model, downloaded once into $VMAMBA_HOME]."),
         topk: int = typer.Option(DEFAULT_TOPK, "--topk", "-k", min=1, help="Classes shown per image."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),

@@ -15,7 +15,7 @@ from vmamba_cli.commands._common import console, fail, print_json, resolve_devic
 from vmamba_cli.runtime import AMP_CHOICES, AMP_HELP, check_output_file, resolve_amp
 
 # Options that take several values; `--resolution 224 512` is read as `--resolution 224 --resolution 512`.
-_MULTI_VALUE_OPTIONS = ("--model", "-m", "--resolution", "-r", "--compare")
+_MULTI_VALUE_OPTIONS = ("--model", "-m", "--resolution", "-r", "--compare", "--runtime")
 
 
 class _MultiValueCommand(TyperCommand):
@@ -56,7 +56,8 @@ def _ratio(row: dict, key: str) -> str:
 
 
 def _label(row: dict) -> str:
-    return row["model"] + (" (compiled)" if row.get("compiled") else "")
+    """The model column: the name, and the runtime of a row not run by eager PyTorch."""
+    return row["model"] + (f" ({row['runtime']})" if row.get("runtime") not in (None, "torch") else "")
 
 
 def _print_table(rows: list[dict], env: dict, command: str, train: bool) -> None:
@@ -192,6 +193,11 @@ def register(app: typer.Typer) -> None:
                                             help="Time the scan calls of one forward and report GB/s."),
         bandwidth_gbs: Optional[float] = typer.Option(None, "--bandwidth-gbs",
                                                       help="Machine memory bandwidth in GB/s (default: measured by a copy)."),
+        runtime: List[str] = typer.Option(["torch"], "--runtime",
+                                          help="Runtimes timed per VMamba model: torch (eager, always measured: "
+                                               "the reference row) and onnxruntime (the model exported to a "
+                                               "temporary ONNX file first; CPU), e.g. `--runtime torch "
+                                               "onnxruntime`."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
         csv_path: Optional[str] = typer.Option(None, "--csv", help="Write one CSV row per model and resolution."),
         plot: Optional[str] = typer.Option(None, "--plot",
@@ -229,16 +235,16 @@ def register(app: typer.Typer) -> None:
             rows = profile(model, resolution, compare=compare, batch_size=batch_size, device=dev, dtype=dtype,
                            train=train, warmup=warmup, iters=iters, threads=threads, channels_last=channels_last,
                            scan_bandwidth=scan_bandwidth, bandwidth_gbs=bandwidth_gbs, log=log,
-                           compile=compile_model)
+                           compile=compile_model, runtimes=[r for r in dict.fromkeys(runtime) if r != "torch"])
         env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         command = "vmamba profile " + " ".join(_command_args(model, resolution, compare, batch_size, train, dev,
                                                              amp, threads, channels_last, warmup, iters,
-                                                             compile_model))
+                                                             compile_model, runtime))
         if csv_path:
             with user_errors():
                 _write_csv(rows, csv_path)
-        # Exponents and the plot describe the eager rows; a compiled row repeats its model's name.
-        eager_rows = [r for r in rows if not r.get("compiled")]
+        # Exponents and the plot describe the eager rows; a compiled or onnxruntime row repeats its model's name.
+        eager_rows = [r for r in rows if r.get("runtime") in (None, "torch")]
         scaling = scaling_report(eager_rows)
         if plot:
             title = f"{env['device_name']} ({env['device']}), {dtype}, batch {rows[0].get('requested_batch_size')}"
@@ -259,8 +265,10 @@ def register(app: typer.Typer) -> None:
 
 
 def _command_args(model, resolution, compare, batch_size, train, dev, amp, threads, channels_last, warmup, iters,
-                  compile_model=False):
+                  compile_model=False, runtime=("torch",)):
     args = ["--model", *model, "--resolution", *map(str, resolution)]
+    if list(runtime) != ["torch"]:
+        args += ["--runtime", *runtime]
     if compare:
         args += ["--compare", *compare]
     for flag, value in (("--batch-size", batch_size), ("--threads", threads), ("--warmup", warmup),
