@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -88,17 +87,13 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
 
 
 @contextlib.contextmanager
-def _model_tuning(tuning):
-    """Run the model's SS2D cores with ``tuning`` for a block (the model passes none of its own)."""
-    from vmamba_cli import kernels
-    from vmamba_cli import model as model_module
-
-    core = model_module.cross_selective_scan
-    model_module.cross_selective_scan = functools.partial(kernels.cross_selective_scan, tuning=tuning)
+def _model_tuning(model, tuning):
+    """Run ``model``'s SS2D cores with ``tuning`` for a block, then with the defaults again."""
+    model.set_scan_tuning(tuning)
     try:
         yield
     finally:
-        model_module.cross_selective_scan = core
+        model.set_scan_tuning(None)
 
 
 def bench_scan(name, batch, groups, per_group, d_state, length, args, backend="triton", launch=None, tuning=None):
@@ -363,7 +358,7 @@ def _warm_one(index, args):
         from vmamba_cli.kernels.triton import DEFAULT_TUNING
 
         for switches in ({}, _COMPOSED, _DELTA_MATMUL) if args.composed else ({},):
-            with _model_tuning(dataclasses.replace(DEFAULT_TUNING, **switches)):
+            with _model_tuning(model, dataclasses.replace(DEFAULT_TUNING, **switches)):
                 _throughput(model, args.batch, 224, args, train=False)
                 _throughput(model, args.batch, 224, args, train=True)
 

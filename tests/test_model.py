@@ -298,3 +298,23 @@ def test_model_converted_to_half_precision(family, dtype, tolerance):
     with torch.no_grad():
         torch_backend = half(x.to(dtype))
     assert (torch_backend.float() - expected).abs().max() <= tolerance * scale
+
+
+def test_scan_tuning_reaches_every_ss2d_core(monkeypatch):
+    import vmamba_cli.model as model_module
+
+    seen = []
+
+    def core(x, *weights, backend, tuning):  # stands in for the kernel: records what the block passed
+        seen.append(tuning)
+        return torch.zeros_like(x, dtype=torch.float32)
+
+    monkeypatch.setattr(model_module, "cross_selective_scan", core)
+    net = create_model("vmamba-tiny", dims=[8, 16, 24, 32], depths=[1, 1, 1, 1]).eval()
+    marker = object()
+    with torch.no_grad():
+        net.set_scan_tuning(marker)(torch.randn(1, 3, 32, 32))
+        assert seen == [marker] * 4
+        seen.clear()
+        net.set_scan_tuning(None)(torch.randn(1, 3, 32, 32))
+    assert seen == [None] * 4

@@ -419,6 +419,8 @@ class SS2D(nn.Module):
         self.d_inner, self.dt_rank, self.d_state, self.gated = d_inner, rank, n, cfg.gated
         self.layout = layout
         self.scan_backend = "auto"
+        # Launch tuning for the Triton backend (kernels.triton.TritonTuning); None: its defaults.
+        self.scan_tuning = None
 
         self.x_proj_weight = nn.Parameter(torch.empty(NUM_DIRECTIONS, rank + 2 * n, d_inner))
         self.A_logs = nn.Parameter(torch.empty(NUM_DIRECTIONS * d_inner, n))
@@ -466,7 +468,7 @@ class SS2D(nn.Module):
             x = self.conv2d(x)
         x = F.silu(x)
         y = cross_selective_scan(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
-                                 self.A_logs, self.Ds, backend=self.scan_backend)
+                                 self.A_logs, self.Ds, backend=self.scan_backend, tuning=self.scan_tuning)
         if not self.layout.channels_first:
             y = y.permute(0, 2, 3, 1)
         # The scan returns float32; a model converted to bf16 / fp16 as a whole (model.to(dtype))
@@ -568,6 +570,14 @@ class VSSM(nn.Module):
                 m.scan_backend = backend
             elif isinstance(m, LayerNorm):
                 m.backend = backend
+        return self
+
+    def set_scan_tuning(self, tuning) -> "VSSM":
+        """Pass ``tuning`` (a ``kernels.triton.TritonTuning``, or None for its defaults) to every
+        block's SS2D core; benchmarks sweep launch settings this way."""
+        for m in self.modules():
+            if isinstance(m, SS2D):
+                m.scan_tuning = tuning
         return self
 
     def reset_classifier(self, num_classes: int) -> None:
