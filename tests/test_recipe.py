@@ -251,13 +251,14 @@ def test_no_best_ema_without_ema(tmp_path):
 
 def test_state_files_without_the_new_settings_resume_with_what_they_did(tmp_path):
     from vmamba_cli.train import config_for_resume
-    from vmamba_cli.train.state import STATE_FILE, write_state
+    from vmamba_cli.train.state import STATE_FILE, STATE_KEYS, write_state
 
     cfg = load_config("imagenet", {"data": "digits", "output": str(tmp_path / "old")})
     saved = cfg.to_dict()
     del saved["color_jitter"], saved["randaugment_mstd"]  # a state file from before these settings
     (tmp_path / "old").mkdir()
-    write_state(tmp_path / "old" / STATE_FILE, {"config": saved})
+    # Only the config matters here; the other parts a state file must hold are left empty.
+    write_state(tmp_path / "old" / STATE_FILE, {**{key: {} for key in STATE_KEYS}, "config": saved})
     resumed = config_for_resume(tmp_path / "old")
     assert (resumed.color_jitter, resumed.randaugment_mstd) == (0.0, 0.0)
     assert resumed.randaugment and resumed.lr == cfg.lr
