@@ -22,6 +22,24 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+def load_golden(fixtures_dir: Path = FIXTURES):
+    """The official golden fixture (docs/design.md §11): a freshly built model with its weights loaded
+    strictly, and the fixture's tensors (``input``, logits, features, ...)."""
+    import json
+
+    from safetensors import safe_open
+
+    from vmamba_cli.model import from_official_config
+    from vmamba_cli.weights import checkpoint_filter_fn
+
+    with safe_open(str(fixtures_dir / "vmamba_v2_small_ref.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = from_official_config(config).eval()
+    model.load_state_dict(checkpoint_filter_fn(tensors), strict=True)
+    return model, tensors
+
+
 # ------------------------------------------------------------------------------------------------
 # Shared helpers of the kernel tests (imported as `from conftest import ...`)
 # ------------------------------------------------------------------------------------------------

@@ -7,16 +7,14 @@ capture, fake-tensor tracing and autograd as the inductor gets, recorded for ins
 model goes through the inductor itself; its cache (``TORCHINDUCTOR_CACHE_DIR``) makes reruns fast.
 """
 
-import json
 
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from safetensors import safe_open
 from torch._dynamo.backends.common import aot_autograd
 
-from vmamba_cli.model import VSSM, from_official_config, get_model_spec, list_models
-from vmamba_cli.weights import checkpoint_filter_fn
+from conftest import load_golden
+from vmamba_cli.model import VSSM, get_model_spec, list_models
 
 CORE = "vmamba.cross_selective_scan"
 CORE_BACKWARD = "vmamba.cross_selective_scan_backward"
@@ -158,11 +156,7 @@ def test_inductor_forward_calls_the_operator(inductor_model):
 
 
 def test_golden_fixture_through_compile(fixtures_dir):
-    with safe_open(str(fixtures_dir / "vmamba_v2_small_ref.safetensors"), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model = from_official_config(config).eval()
-    model.load_state_dict(checkpoint_filter_fn(tensors), strict=True)
+    model, tensors = load_golden(fixtures_dir)
     recorder = _Recorder()
     with torch.no_grad():
         logits = torch.compile(model, backend=recorder, fullgraph=True)(tensors["input"])

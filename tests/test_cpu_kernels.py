@@ -7,22 +7,19 @@ fresh cache compiles the kernel (a few seconds); tests that need it skip if no c
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import assert_close_to_max, grads_of, make_scan_inputs, ss2d_params
+from conftest import assert_close_to_max, grads_of, load_golden, make_scan_inputs, ss2d_params
 
 from vmamba_cli.kernels import compose_cross_selective_scan, resolve_backend
 from vmamba_cli.kernels import cpu as scan_cpu
 from vmamba_cli.kernels import selective_scan as dispatch_selective_scan
 from vmamba_cli.kernels.cpu import build, plan
 from vmamba_cli.kernels.reference import selective_scan_reference
-from vmamba_cli.model import from_official_config
-from vmamba_cli.weights import checkpoint_filter_fn
 
 needs_native = pytest.mark.skipif(scan_cpu.load_library() is None,
                                   reason=f"native CPU scan not built: {build._state['reason']}")
@@ -341,11 +338,7 @@ def test_build_is_cached_and_reused(fresh_build_state, monkeypatch):
 
 @needs_native
 def test_model_matches_golden_fixture_with_cpu_backend(fixtures_dir):
-    with safe_open(str(fixtures_dir / "vmamba_v2_small_ref.safetensors"), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model = from_official_config(json.loads(meta["config"])).eval()
-    model.load_state_dict(checkpoint_filter_fn(tensors), strict=True)
+    model, tensors = load_golden(fixtures_dir)
     model.set_scan_backend("cpu")
     with torch.inference_mode():
         logits = model(tensors["input"])

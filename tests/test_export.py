@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 pytest.importorskip("onnxruntime")
@@ -37,8 +36,9 @@ from vmamba_cli.model import Preprocess  # noqa: E402
 from vmamba_cli.predict import predict  # noqa: E402
 from vmamba_cli.profile import profile  # noqa: E402
 from vmamba_cli.kernels.chunked import linear_recurrence_closed, selective_scan_chunked  # noqa: E402
-from vmamba_cli.model import MODELS, VSSM, VMambaConfig, from_official_config, get_model_spec  # noqa: E402
-from vmamba_cli.weights import checkpoint_filter_fn, save_model  # noqa: E402
+from vmamba_cli.model import MODELS, VSSM, VMambaConfig, get_model_spec  # noqa: E402
+from vmamba_cli.weights import save_model  # noqa: E402
+from conftest import load_golden  # noqa: E402
 
 TOL = 1e-4
 runner = CliRunner()
@@ -144,12 +144,7 @@ def _build(config: VMambaConfig, seed: int) -> VSSM:
 
 @pytest.fixture(scope="module")
 def golden(fixtures_dir):
-    with safe_open(str(fixtures_dir / "vmamba_v2_small_ref.safetensors"), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model = from_official_config(config).eval()
-    model.load_state_dict(checkpoint_filter_fn(tensors), strict=True)
-    return model, tensors
+    return load_golden(fixtures_dir)
 
 
 _EXPORTS: dict = {}
