@@ -512,14 +512,24 @@ def _compiled_row(row: dict, model: nn.Module, options: ProfileOptions, train: b
     opts = replace(options, warmup=max(1, options.warmup))
     name, resolution = row["model"], row["resolution"]
     log(f"{name} @ {resolution}x{resolution}, compiled (the first warm-up call compiles)")
-    task = MeasureTask(name, compiled, resolution, row["batch_size"], "inference", opts, {"num_classes": num_classes})
-    status, used, result, error = _with_oom_retry(runner, task, slot, log)
-    compiled_row.update(status=status, batch_size=used, error=error, **result)
-    if status == "ok" and train:
-        task = MeasureTask(name, compiled, resolution, used, "train", opts, {"num_classes": num_classes})
-        t_status, t_used, t_result, t_error = _with_oom_retry(runner, task, slot, log)
-        compiled_row.update(train_status=t_status, train_batch_size=t_used, train_error=t_error, **t_result)
+    compiled_row.update(_measure_model(name, compiled, resolution, row["batch_size"], opts, train, num_classes,
+                                       runner, slot, log))
     return compiled_row
+
+
+def _measure_model(name: str, model: nn.Module, resolution: int, batch_size: int, options: ProfileOptions,
+                   train: bool, num_classes: int, runner, slot, log) -> dict:
+    """Inference (and with ``train`` a training step) of one model, each retried at smaller batches on
+    OOM: the row fields ``status``, ``batch_size``, ``error`` and the measured figures."""
+    extra = {"num_classes": num_classes}
+    status, used, result, error = _with_oom_retry(
+        runner, MeasureTask(name, model, resolution, batch_size, "inference", options, extra), slot, log)
+    fields = dict(status=status, batch_size=used, error=error, **result)
+    if status == "ok" and train:
+        t_status, t_used, t_result, t_error = _with_oom_retry(
+            runner, MeasureTask(name, model, resolution, used, "train", options, extra), slot, log)
+        fields.update(train_status=t_status, train_batch_size=t_used, train_error=t_error, **t_result)
+    return fields
 
 
 def _onnxruntime_row(eager: dict, model: nn.Module, resolution: int, batch_size: int, options: ProfileOptions,
@@ -635,13 +645,9 @@ def profile(models: Sequence[str] = ("vmamba-tiny",), resolutions: Sequence[int]
             row["gflops"] = row["flops"] / 1e9 if row.get("flops") is not None else None
 
             num_classes = getattr(getattr(model, "config", None), "num_classes", 1000)
-            task = MeasureTask(name, model, resolution, batch_size, "inference", options, {"num_classes": num_classes})
-            status, used, result, error = _with_oom_retry(runner, task, slot, log)
-            row.update(status=status, batch_size=used, error=error, **result)
-            if status == "ok" and train:
-                task = MeasureTask(name, model, resolution, used, "train", options, {"num_classes": num_classes})
-                t_status, t_used, t_result, t_error = _with_oom_retry(runner, task, slot, log)
-                row.update(train_status=t_status, train_batch_size=t_used, train_error=t_error, **t_result)
+            row.update(_measure_model(name, model, resolution, batch_size, options, train, num_classes, runner,
+                                      slot, log))
+            status, used = row["status"], row["batch_size"]
             if status == "ok" and family == "vmamba" and scan_bandwidth:
                 task = MeasureTask(name, model, resolution, used, "scan", options)
                 s_status, _, s_result, s_error = _with_oom_retry(runner, task, slot, log)
