@@ -36,12 +36,12 @@ def _cli(*args: str):
 
 
 def test_each_size_equals_a_plain_eval_and_the_model_loads_once(digits, monkeypatch):
-    import vmamba_cli.weights as weights_module
+    import vmamba_cli.evaluate as evaluate_module
 
     data, first, _ = digits
-    real_load = weights_module.load_model
+    real_load = evaluate_module.load_model
     loads = []
-    monkeypatch.setattr(weights_module, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     sweep = evaluate_resolutions(data, weights=first, resolutions=SIZES, device="cpu", workers=0, crop_pct=1.0)
     assert len(loads) == 1
     assert sweep.resolutions == SIZES and sweep.label == "first" and sweep.preset_resolution == 224

@@ -28,6 +28,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from vmamba_cli.data import ImageError, eval_transform, find_images, load_image
+from vmamba_cli.kernels import resolve_backend
+from vmamba_cli.peers import build_peer, check_weights, is_vit, parse_peer, peer_label, vit_patch_size
+from vmamba_cli.weights import atomic_write, load_model, save_weights
+
 DEFAULT_RESOLUTION = 1024
 DEFAULT_NUM_IMAGES = 50
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
@@ -89,8 +94,6 @@ class TorchvisionBackbone(nn.Module):
     def __init__(self, name: str, weights: str | None = None, *, image_size: int | None = None,
                  download: bool = False):
         super().__init__()
-        from vmamba_cli.peers import build_peer
-
         family = torchvision_family(name)
         net = build_peer(name, weights, image_size=image_size, download=download)
         self.name, self.family = name, family
@@ -272,8 +275,6 @@ def builtin_photo(name: str):
 
 def erf_transform(resolution: int = DEFAULT_RESOLUTION):
     """Resize the short side to ``resolution`` (bicubic), center-crop it, ImageNet mean/std."""
-    from vmamba_cli.data import eval_transform
-
     return eval_transform(resolution, crop_pct=1.0)
 
 
@@ -313,8 +314,6 @@ class InputSource:
             for name in BUILTIN_PHOTOS:
                 yield name, transform(builtin_photo(name))[None]
             return
-        from vmamba_cli.data import ImageError, load_image
-
         for path in self.files:
             try:
                 image = load_image(path)
@@ -328,8 +327,6 @@ class InputSource:
 def folder_source(paths: Sequence[str | os.PathLike], resolution: int = DEFAULT_RESOLUTION
                   ) -> tuple[InputSource, list[str]]:
     """InputSource over files/folders/globs, plus one-line errors for inputs that matched nothing."""
-    from vmamba_cli.data import find_images
-
     scan = find_images(paths)
     return InputSource("folder", resolution, files=list(scan.files)), [str(e) for e in scan.errors]
 
@@ -419,8 +416,6 @@ def render_erf(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from vmamba_cli.weights import atomic_write
-
     if not panels:
         raise ValueError("nothing to render")
     vmin = min(float(np.nanmin(m)) for _, m in panels)
@@ -451,8 +446,6 @@ def save_erf_maps(path: str | os.PathLike, maps: Sequence[tuple[str, np.ndarray]
                   metadata: dict | None = None) -> Path:
     """Save raw (un-normalised) maps: ``.npy`` (one map (H, W), several stacked (P, H, W) in panel
     order) or ``.safetensors`` (one float32 tensor per panel title, metadata as JSON strings)."""
-    from vmamba_cli.weights import atomic_write
-
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -464,8 +457,6 @@ def save_erf_maps(path: str | os.PathLike, maps: Sequence[tuple[str, np.ndarray]
                 np.save(f, stacked)
         return atomic_write(path, write)
     if suffix == ".safetensors":
-        from vmamba_cli.weights import save_weights
-
         tensors = {title: torch.from_numpy(np.asarray(m, dtype=np.float32)) for title, m in maps}
         if len(tensors) != len(maps):
             raise ValueError("panel titles must be unique to save them as safetensors keys")
@@ -530,8 +521,6 @@ def build_backbone(spec: PanelSpec, *, seed: int = 0, scan_backend: str = "auto"
                    download: bool = False) -> tuple[nn.Module, str]:
     """The backbone for a panel and its resolved model name. Random inits are seeded by ``seed``;
     ``resolution`` sizes a ViT's position grid; ``download`` lets torchvision fetch missing peer weights."""
-    from vmamba_cli.weights import load_model
-
     if spec.kind == "torchvision":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -561,8 +550,6 @@ def panel_specs(models: Sequence[str | None], weights: Sequence[str] = (), *, be
     with ``before_after``, then each --compare torchvision model (``name`` for random init,
     ``name:TAG`` for torchvision's released weights). A model of None takes the architecture of
     its weights (vmamba-tiny without weights)."""
-    from vmamba_cli.peers import parse_peer, peer_label
-
     models = list(models) or [None]
     if weights and len(weights) != len(models):
         raise ValueError(f"give one --weights per --model ({len(models)} model(s), {len(weights)} weights)")
@@ -607,15 +594,11 @@ def compute_panels(specs: Sequence[PanelSpec], source: InputSource, *, num_image
     first is computed: ``vmamba_cli.peers.PeerWeightsMissing``), and ViTs need a resolution
     divisible by their patch size.
     """
-    from vmamba_cli.peers import check_weights, is_vit, vit_patch_size
-
     if norm not in NORMS:
         raise ValueError(f"unknown normalisation {norm!r}; choose from {', '.join(NORMS)}")
     if num_images < 1:
         raise ValueError("--num-images must be at least 1")
     if scan_backend != "auto":
-        from vmamba_cli.kernels import resolve_backend
-
         try:
             resolve_backend(scan_backend, torch.device(device))
         except RuntimeError as exc:

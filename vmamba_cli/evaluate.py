@@ -35,6 +35,7 @@ from vmamba_cli.errors import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EXIT_US
 from vmamba_cli.export import is_onnx_file, load_onnx
 from vmamba_cli.metrics import TOPK, TopKAccumulator
 from vmamba_cli.runtime import Dist, amp_name, autocast, check_memory, check_resolution, process_group, resolve_amp
+from vmamba_cli.weights import atomic_write, load_model
 
 WNID_PATTERN = re.compile(r"^n\d{8}$")
 
@@ -262,15 +263,11 @@ class EvalResult:
         }
 
     def save_json(self, path: str | os.PathLike) -> Path:
-        from vmamba_cli.weights import atomic_write
-
         text = jsonout.dumps(self.to_dict()) + "\n"
         return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     def save_predictions(self, path: str | os.PathLike) -> Path:
         """Per-image CSV: path, target, the top-k classes with names and probabilities, correct, error."""
-        from vmamba_cli.weights import atomic_write
-
         if self.predictions is None:
             raise ValueError("no per-image predictions were collected (evaluate(..., predictions=True))")
         k = self.top5_k
@@ -365,8 +362,6 @@ def _load(model, weights, ema: bool, class_names, allow_non_finite: bool = False
     if isinstance(model, torch.nn.Module):
         names = list(class_names) if class_names is not None else None
         return _Loaded(model, type(model).__name__, None, Preprocess(), names)
-    from vmamba_cli.weights import load_model
-
     # An .onnx file runs in onnxruntime, with its own class names and preset.
     loaded = (load_onnx(weights) if is_onnx_file(weights)
               else load_model(model, weights, ema=ema, allow_non_finite=allow_non_finite))
@@ -548,8 +543,6 @@ def plot_accuracy_vs_resolution(sweeps: Sequence[ResolutionSweep], path: str | o
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from vmamba_cli.weights import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for sweep in sweeps:
