@@ -19,14 +19,17 @@ from vmamba_cli.model import VSSM, get_model_spec, list_models
 CORE = "vmamba.cross_selective_scan"
 CORE_BACKWARD = "vmamba.cross_selective_scan_backward"
 
-# One small variant per family, with its structural flags: v0 (gated, d_state 16, channel-last,
-# patch stem, patch merging), v2 s2l5 (ssm_ratio 2) and v2 s1l8 / s1l20 (ssm_ratio 1).
-FAMILIES = {"v0": "vmamba-v0-tiny", "s2l5": "vmamba-tiny-s2l5", "s1l8": "vmamba-tiny-s1l8"}
-
 
 def _small(name):
+    """A narrow one-block-per-stage model of ``name``'s family, for the slower checks."""
     return VSSM(get_model_spec(name).config.replace(
         dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0))
+
+
+def _one_block_per_stage(name):
+    """The released config with one block per stage: its widths, state size, ratios and layout
+    flags are all kept (a stage repeats one block, so the depth only changes how long tracing takes)."""
+    return VSSM(get_model_spec(name).config.replace(depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0))
 
 
 def _targets(graph) -> list[str]:
@@ -86,19 +89,21 @@ def test_released_config_traces_as_one_graph(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# Compiled forward and backward per family
+# Compiled forward and backward, every released config
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def compiled_family(request):
+@pytest.fixture(scope="module", params=list_models())
+def compiled_config(request):
+    # Each model is a new `self` to guard on; a reset keeps the nine within dynamo's recompile limit.
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = _small(FAMILIES[request.param])
+    model = _one_block_per_stage(request.param)
     recorder = _Recorder()
     return model, torch.compile(model, backend=recorder, fullgraph=True), recorder
 
 
-def test_compiled_forward_matches_eager_and_runs_the_operator(compiled_family):
-    model, compiled, recorder = compiled_family
+def test_compiled_forward_matches_eager_and_runs_the_operator(compiled_config):
+    model, compiled, recorder = compiled_config
     model.eval()
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -112,8 +117,8 @@ def test_compiled_forward_matches_eager_and_runs_the_operator(compiled_family):
     assert not any("selective_scan_flops" in t for t in _targets(recorder.forward[-1]))
 
 
-def test_compiled_training_step_matches_eager_gradients(compiled_family):
-    model, compiled, recorder = compiled_family
+def test_compiled_training_step_matches_eager_gradients(compiled_config):
+    model, compiled, recorder = compiled_config
     model.train()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     grads = []
@@ -126,7 +131,10 @@ def test_compiled_training_step_matches_eager_gradients(compiled_family):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert (outputs[1] - outputs[0]).abs().max().item() <= 1e-5
     for name, expected in grads[0].items():
-        torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+        # Relative to the tensor's largest entry: the compiled graph sums in another order, which moves
+        # entries near zero by more than an elementwise rtol allows (e.g. 5e-6 on a head gradient of 2.6).
+        error = (grads[1][name] - expected).abs().max().item()
+        assert error <= 2e-5 * expected.abs().max().item() + 1e-6, (name, error)
     assert _calls(recorder.backward[-1], CORE_BACKWARD) == sum(model.config.depths)
 
 
@@ -168,10 +176,10 @@ def test_golden_fixture_through_compile(fixtures_dir):
 # torch.export with free batch, height and width
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["v0", "s1l8"])
-def test_export_with_dynamic_batch_height_and_width(family):
+@pytest.mark.parametrize("name", ["vmamba-v0-tiny", "vmamba-tiny-s1l8"])
+def test_export_with_dynamic_batch_height_and_width(name):
     torch.manual_seed(0)
-    model = _small(FAMILIES[family]).eval()
+    model = _small(name).eval()
     program = torch.export.export(model, (torch.randn(2, 3, 64, 96),), dynamic_shapes=model.export_dynamic_shapes())
     assert _calls(program.graph, CORE) == sum(model.config.depths)
     exported = program.module()
@@ -219,7 +227,7 @@ def test_profile_compile_adds_a_compiled_row_measured_through_the_compiler():
     assert seen == [("inference", "VSSM", 0), ("inference", "OptimizedModule", 1)]
 
     # The real measurement (inference mode) runs a compiled model.
-    model = _small(FAMILIES["s1l8"]).eval()
+    model = _small("vmamba-tiny-s1l8").eval()
     recorder = _Recorder()
     task = MeasureTask("small", torch.compile(model, backend=recorder, fullgraph=True), 64, 2, "inference",
                        ProfileOptions(device=torch.device("cpu"), warmup=1, iters=1))
