@@ -1,33 +1,71 @@
-"""onnxruntime vs PyTorch eager on this CPU: vmamba-tiny (by default) at 224, batch 8, paired in one process.
+"""onnxruntime vs PyTorch eager on this CPU: vmamba-tiny (by default) at 224, batch 8, each runtime in its own process.
 
-The ONNX file is exported here (``vmamba_cli.export.export_onnx``, chunked scan in standard ONNX
-operators); PyTorch runs the same weights eagerly with its default scan backend. Runs alternate
-(torch, onnxruntime, torch, ...) so that both see the same machine load, and the reported figure is
-the median over pairs of (torch seconds / onnxruntime seconds): above 1 means onnxruntime is faster.
+The ONNX file is exported here (``vmamba_cli.export``); PyTorch runs the same weights eagerly with
+its default scan backend. Each round starts one process per runtime, one after the other (the order
+alternates between rounds), and each process times ``--runs`` forwards after a warm-up; the figure
+is the median over rounds of (torch seconds / onnxruntime seconds), each side's seconds being the
+median of its runs: above 1 means onnxruntime is faster.
 
-    python benchmarks/bench_onnx_cpu.py [--model vmamba-tiny] [--resolution 224] [--batch 8] [--pairs 5]
-                                        [--lowering scan chunked]
+Why separate processes: with both runtimes in one process their thread pools compete (onnxruntime's
+workers spin after a run while PyTorch's OpenMP team starts), which slowed PyTorch here from about
+0.5 s to 0.9-1.1 s per batch and made onnxruntime look twice as good as it is.
 
-Each ``--lowering`` (how the scan becomes ONNX, ``vmamba_cli.export.LOWERINGS``) gets its own file
-from one torch.export program and its own paired timings.
+    python benchmarks/bench_onnx_cpu.py [--model vmamba-tiny] [--resolution 224] [--batch 8]
+                                        [--rounds 3] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime
-import torch
 
-from vmamba_cli.export import DEFAULT_LOWERING, LOWERINGS, OnnxClassifier, export_program, onnx_model_proto
-from vmamba_cli.model import create_model
+def _child(spec: dict) -> dict:
+    """Time one runtime in this process: a warm-up forward, then ``runs`` timed ones."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    x = torch.from_numpy(np.load(spec["input"]))
+    if spec["runtime"] == "torch":
+        from vmamba_cli.model import create_model
+
+        model = create_model(spec["model"]).eval()
+        model.load_state_dict(torch.load(spec["weights"]))
+        with torch.inference_mode():
+            def forward():
+                return model(x).numpy()
+            out = forward()
+    else:
+        from vmamba_cli.export import OnnxClassifier
+
+        clf = OnnxClassifier(spec["onnx"], threads=spec["threads"])
+
+        def forward():
+            return clf(x)
+        out = forward()
+    seconds = []
+    with torch.inference_mode():
+        for _ in range(spec["runs"]):
+            start = time.perf_counter()
+            forward()
+            seconds.append(time.perf_counter() - start)
+    np.save(spec["output"], out)
+    return {"seconds": seconds, "load": os.getloadavg()[0]}
+
+
+def _spawn(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{spec['runtime']} child failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -35,51 +73,61 @@ def main() -> None:
     parser.add_argument("--model", default="vmamba-tiny")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--lowering", nargs="+", default=[DEFAULT_LOWERING], choices=list(LOWERINGS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="timed forwards per process")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+
+    from vmamba_cli.export import export_program, onnx_model_proto
+    from vmamba_cli.model import create_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model(args.model).eval()
-    x = torch.randn(args.batch, 3, args.resolution, args.resolution)
     print(f"{args.model} {args.resolution}x{args.resolution} batch {args.batch}, {args.threads} threads, "
           f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, load {os.getloadavg()[0]:.2f}",
           flush=True)
-    start = time.perf_counter()
-    program = export_program(model, resolution=args.resolution)
-    print(f"torch.export {time.perf_counter() - start:.1f} s", flush=True)
-    with torch.inference_mode():
-        eager_logits = model(x)                                      # warm-up (native kernel build / load)
-    for lowering in args.lowering:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            start = time.perf_counter()
-            onnx.save_model(onnx_model_proto(program, lowering=lowering), str(path))
-            export_s = time.perf_counter() - start
-            size_mb = path.stat().st_size / 1e6
-            clf = OnnxClassifier(path, threads=args.threads)
-            start = time.perf_counter()
-            ort_logits = clf(x)                                      # first run: session warm-up
-            ort_first = time.perf_counter() - start
-            err = float(np.abs(ort_logits - eager_logits.numpy()).max())
-            torch_s, ort_s = [], []
-            with torch.inference_mode():
-                for _ in range(args.pairs):
-                    start = time.perf_counter()
-                    model(x)
-                    torch_s.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    clf(x)
-                    ort_s.append(time.perf_counter() - start)
-        ratios = [t / o for t, o in zip(torch_s, ort_s)]
-        print(f"[lowering {lowering}] ONNX translation {export_s:.1f} s, file {size_mb:.1f} MB, onnxruntime first "
-              f"run {ort_first:.2f} s, max |onnx - torch| logits {err:.2e}, load {os.getloadavg()[0]:.2f}")
-        print("torch eager s  :", " ".join(f"{t:.3f}" for t in torch_s), f"(median {statistics.median(torch_s):.3f})")
-        print("onnxruntime s  :", " ".join(f"{t:.3f}" for t in ort_s), f"(median {statistics.median(ort_s):.3f})")
-        print(f"onnxruntime speed vs torch eager (median of paired torch/ort): {statistics.median(ratios):.2f}x "
-              f"(pairs: {' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        np.save(tmp / "input.npy", torch.randn(args.batch, 3, args.resolution, args.resolution).numpy())
+        start = time.perf_counter()
+        program = export_program(model, resolution=args.resolution)
+        print(f"torch.export {time.perf_counter() - start:.1f} s", flush=True)
+        base = {"model": args.model, "threads": args.threads, "runs": args.runs, "input": str(tmp / "input.npy"),
+                "weights": str(tmp / "weights.pt")}
+        path = tmp / "model.onnx"
+        start = time.perf_counter()
+        onnx.save_model(onnx_model_proto(program), str(path))
+        print(f"ONNX translation {time.perf_counter() - start:.1f} s, file {path.stat().st_size / 1e6:.1f} MB",
+              flush=True)
+        specs = {"torch": {**base, "runtime": "torch", "output": str(tmp / "torch.npy")},
+                 "onnxruntime": {**base, "runtime": "onnxruntime", "onnx": str(path), "output": str(tmp / "ort.npy")}}
+        ratios, medians = [], {"torch": [], "onnxruntime": []}
+        for round_index in range(args.rounds):
+            order = ["torch", "onnxruntime"] if round_index % 2 == 0 else ["onnxruntime", "torch"]
+            seconds = {}
+            for runtime in order:
+                result = _spawn(specs[runtime])
+                seconds[runtime] = statistics.median(result["seconds"])
+                medians[runtime].append(seconds[runtime])
+            ratios.append(seconds["torch"] / seconds["onnxruntime"])
+            print(f"  round {round_index + 1}: torch {seconds['torch']:.3f} s, onnxruntime "
+                  f"{seconds['onnxruntime']:.3f} s, ratio {ratios[-1]:.2f}, load {result['load']:.2f}", flush=True)
+        err = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "ort.npy")).max())
+        print(f"max |onnx - torch| logits {err:.2e}; median s per batch: torch "
+              f"{statistics.median(medians['torch']):.3f}, onnxruntime {statistics.median(medians['onnxruntime']):.3f}; "
+              f"onnxruntime speed vs torch eager: {statistics.median(ratios):.2f}x "
+              f"(rounds: {' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -3,15 +3,12 @@
 Both paths trace the model with the "chunked" scan backend (``vmamba_cli.kernels.chunked``), whose
 scan is one registered operator. ``export_pt2`` keeps that operator in the program (loading the
 file needs ``vmamba_cli`` imported, which registers it). ``export_onnx`` lowers it to plain ONNX
-operators, chosen by ``lowering`` (``LOWERINGS``):
-
-* "scan8" (default): an ONNX ``Scan`` over the sequence whose body advances the recurrence
-  ``h = exp(dt*A) * h + dt*B*u`` eight steps per iteration (``_scan_body``); the step sizes, decays
-  and drives before it and ``y = C h`` after it are batched operators over the whole sequence.
-  Eight steps per iteration spread Scan's per-iteration cost; "scan" (one step) and "scan16" are
-  the same with 1 and 16 steps.
-* "chunked": the chunked closed form (``_chunked_scan_onnx``: chunk sums, masked cumulative sums,
-  Exp, MatMul), no loop at all, at the price of CHUNK times more exponentials and memory.
+operators (``_selective_scan_onnx``): the step sizes (softplus), decays ``exp(dt*A)`` and drives
+``dt*B*u`` are batched operators over the whole sequence; the recurrence ``h = decay * h + drive``
+runs as three ONNX ``Scan``s over about sqrt(L) segments of about sqrt(L) steps (segments in
+parallel from zero, their end states carried across segments, segments again from their true
+starting states); ``y = C h + D u`` is batched again (docs/design.md §11 compares the lowerings
+that were tried).
 
 Every size is taken from the input shapes at run time, so one graph serves every batch and image
 size and its node count does not depend on them. Nothing in a custom domain is emitted: stock
@@ -40,12 +37,10 @@ import numpy as np
 import torch
 
 from vmamba_cli.errors import VMambaError
-from vmamba_cli.kernels.chunked import LEVELS
 from vmamba_cli.model import VSSM, Preprocess, VMambaConfig
 from vmamba_cli.weights import LoadedModel, atomic_write
 
 DEFAULT_OPSET = 18
-DEFAULT_LOWERING = "scan8"
 EXPORT_BACKEND = "chunked"
 INSTALL_HINT = 'pip install "vmamba[export]"'
 # Height and width of a dynamic export are multiples of this: the stem divides by 4 and three
@@ -148,14 +143,14 @@ def save_pt2(program, path: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# ONNX lowering of the chunked scan
+# ONNX lowering of the scan operator
 # ------------------------------------------------------------------------------------------------
 
-def _scan_body(steps: int):
-    """Body of the ONNX Scan, ``steps`` steps of the recurrence per iteration.
+def _step_body(emit: str):
+    """Body of an ONNX Scan advancing the recurrence one step: state h, scan inputs decay and x.
 
-    State h (..., 1); inputs decay and x (..., steps) -> (h after the last step, h after each step).
-    Several steps per iteration spread the per-iteration cost of Scan over more work.
+    ``emit`` says what the Scan collects per step besides the final state: "after" (the state after
+    the step), "before" (the state the step started from) or "none".
     """
     from onnxscript import ir
     from onnx import TensorProto, helper
@@ -163,63 +158,42 @@ def _scan_body(steps: int):
     def value(name):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
 
-    nodes = [helper.make_node("Split", ["decay"], [f"d{i}" for i in range(steps)], axis=-1, num_outputs=steps),
-             helper.make_node("Split", ["x"], [f"x{i}" for i in range(steps)], axis=-1, num_outputs=steps)] \
-        if steps > 1 else [helper.make_node("Identity", ["decay"], ["d0"]), helper.make_node("Identity", ["x"], ["x0"])]
-    state = "h"
-    for i in range(steps):
-        nodes += [helper.make_node("Mul", [f"d{i}", state], [f"kept{i}"]),
-                  helper.make_node("Add", [f"kept{i}", f"x{i}"], [f"h{i}"])]
-        state = f"h{i}"
-    nodes += [helper.make_node("Identity", [state], ["h_next"]),
-              helper.make_node("Concat", [f"h{i}" for i in range(steps)], ["h_out"], axis=-1)]
-    graph = helper.make_graph(nodes, "selective_scan_steps", [value("h"), value("decay"), value("x")],
-                              [value("h_next"), value("h_out")])
+    nodes = [helper.make_node("Mul", ["decay", "h"], ["kept"]), helper.make_node("Add", ["kept", "x"], ["h_next"])]
+    outputs = [value("h_next")]
+    if emit != "none":
+        nodes.append(helper.make_node("Identity", ["h_next" if emit == "after" else "h"], ["h_out"]))
+        outputs.append(value("h_out"))
+    graph = helper.make_graph(nodes, f"recurrence_step_{emit}", [value("h"), value("decay"), value("x")], outputs)
     return ir.serde.deserialize_graph(graph)
 
 
-def _scan_op(opset):
-    """ONNX Scan with one state and one scan input pair, as an onnxscript op of two outputs.
+def _scan_op(opset, collects: bool = True):
+    """ONNX Scan with one state and one pair of scan inputs, as an onnxscript op (final state, and
+    with ``collects`` the per-step outputs).
 
     Scan's outputs are one variadic list (final states, then scan outputs); the exporter's recorder
-    gives a variadic list one output, so the op is described by a schema naming the two outputs.
+    gives a variadic list one output, so the op is described by a schema naming each output.
     """
     from onnx.defs import OpSchema
     from onnxscript.values import Op
 
     P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    outputs = [P("h_last", "T"), P("h_all", "T")] if collects else [P("h_last", "T")]
     schema = OpSchema(
         "Scan", "", 16, inputs=[P("h0", "T"), P("decay", "T"), P("x", "T")],
-        outputs=[P("h_last", "T"), P("h_all", "T")], type_constraints=[("T", ["tensor(float)"], "")],
+        outputs=outputs, type_constraints=[("T", ["tensor(float)"], "")],
         attributes=[A("body", OpSchema.AttrType.GRAPH), A("num_scan_inputs", OpSchema.AttrType.INT),
                     A("scan_input_axes", OpSchema.AttrType.INTS, required=False),
                     A("scan_output_axes", OpSchema.AttrType.INTS, required=False)])
     return Op(opset, "Scan", schema)
 
 
-def _scan_onnx_sequential(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
-                          chunk: int = 8):
-    return _chunked_scan_onnx(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk, sequential=1)
-
-
-def _scan_onnx_sequential8(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
-                           chunk: int = 8):
-    return _chunked_scan_onnx(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk, sequential=8)
-
-
-def _scan_onnx_sequential16(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
-                            chunk: int = 8):
-    return _chunked_scan_onnx(u, delta, A, B, C, D, delta_bias, delta_softplus, chunk, sequential=16)
-
-
-def _chunked_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False,
-                       chunk: int = 8, sequential: int = 0):
+def _selective_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus: bool = False, chunk: int = 8):
     """vmamba::chunked_selective_scan in standard ONNX operators (opset >= 18).
 
-    The same closed form as ``kernels.chunked.selective_scan_chunked``: LEVELS - 1 chunked levels,
-    then all pairs (CHUNK = 8, LEVELS = 4). Sizes (sequence length, chunk counts, padding) are computed
-    from Shape at run time, so no size of the example is baked in. With ``sequential`` the recurrence is
-    an ONNX Scan over the sequence instead (``_scan_onnx_sequential``).
+    ``chunk`` (the PyTorch closed form's chunk length) does not apply here. Every size (sequence
+    length, segment length and count, padding) is computed from Shape at run time, so no size of the
+    example is baked in and the graph is the same for every image size.
     """
     from onnxscript import opset18 as op
 
@@ -229,55 +203,45 @@ def _chunked_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     def f32(value):
         return op.Constant(value=_onnx_tensor(np.array(value, dtype=np.float32)))
 
-    zero, minus_inf = f32(0.0), f32(float("-inf"))
-
-    def all_pairs(a, x):
-        # a, x: rank 5 (..., T). [t, s] = a_{s+1} + ... + a_t for s <= t, from a masked cumsum.
-        steps = op.Shape(a, start=-1)
-        idx = op.Range(i64(0), op.Squeeze(steps, i64(0)), i64(1))
-        rows, cols = op.Unsqueeze(idx, i64(1)), op.Unsqueeze(idx, i64(0))
-        strictly_lower = op.Cast(op.Greater(rows, cols), to=1)                   # float 0/1
-        upper_bias = op.Where(op.GreaterOrEqual(rows, cols), zero, minus_inf)   # (T, T): 0 / -inf
-        sums = op.CumSum(op.Mul(op.Unsqueeze(a, i64(-1)), strictly_lower), i64(-2))
-        decay = op.Exp(op.Add(sums, upper_bias))
-        return op.Squeeze(op.MatMul(decay, op.Unsqueeze(x, i64(-1))), i64(-1))
-
-    def recurrence(a, x, levels):
-        # a, x: rank 4 (B, KD, N, L') -> h of the same shape.
-        if sequential:
-            # (B, KD, N, L) -> (B, KD, N, M, steps), padded with decay 1 / drive 0 at the end; Scan over M.
-            length = op.Shape(a, start=3, end=4)
-            pad = op.Mod(op.Sub(i64(sequential), op.Mod(length, i64(sequential))), i64(sequential))
-            pads = op.Concat(i64(0, 0, 0, 0, 0, 0, 0), pad, axis=0)
-            shape = op.Concat(op.Shape(a, start=0, end=3), i64(-1, sequential), axis=0)
-            decay = op.Reshape(op.Pad(op.Exp(a), pads, f32(1.0)), shape)
-            drive = op.Reshape(op.Pad(x, pads, zero), shape)
-            h0 = op.ConstantOfShape(op.Concat(op.Shape(a, start=0, end=3), i64(1), axis=0))
-            _, hs = _scan_op(op)(h0, decay, drive, body=_scan_body(sequential), num_scan_inputs=2,
-                                 scan_input_axes=[3, 3], scan_output_axes=[3])
-            flat = op.Reshape(hs, op.Concat(op.Shape(a, start=0, end=3), i64(-1), axis=0))
-            return op.Slice(flat, i64(0), length, i64(-1))
-        if levels <= 1:
-            return all_pairs(a, x)
+    def recurrence(a, x):
+        # h_t = exp(a_t) h_{t-1} + x_t along the last axis of (B, KD, N, L), h_{-1} = 0.
+        # The sequence is cut into M segments of S = ceil(sqrt(L)) steps, (B, KD, N, M, S), the last
+        # padded with decay 1 / drive 0. Three Scans of at most ~sqrt(L) iterations, each iteration
+        # working on a whole (B, KD, N, M) slice: (1) every segment from a zero state, keeping only
+        # its end state; (2) those ends carried across the segments, giving each segment's true
+        # starting state; (3) every segment again from its starting state, collecting the states.
         length = op.Shape(a, start=3, end=4)
-        pad = op.Mod(op.Sub(i64(chunk), op.Mod(length, i64(chunk))), i64(chunk))
-        pads = op.Concat(i64(0, 0, 0, 0, 0, 0, 0), pad, axis=0)
-        chunked_shape = op.Concat(op.Shape(a, start=0, end=3), i64(-1, chunk), axis=0)
-        a_c = op.Reshape(op.Pad(a, pads, zero), chunked_shape)       # (B, KD, N, M, T)
-        x_c = op.Reshape(op.Pad(x, pads, zero), chunked_shape)
-        local = all_pairs(a_c, x_c)
-        ends = op.Squeeze(op.Slice(local, i64(-1), i64(2**62), i64(-1)), i64(-1))   # (B, KD, N, M)
-        carried = recurrence(op.ReduceSum(a_c, i64(-1), keepdims=0), ends, levels - 1)
-        incoming = op.Slice(op.Pad(carried, i64(0, 0, 0, 1, 0, 0, 0, 0), zero), i64(0), i64(-1), i64(-1))
-        h = op.Add(local, op.Mul(op.Exp(op.CumSum(a_c, i64(-1))), op.Unsqueeze(incoming, i64(-1))))
-        flat = op.Reshape(h, op.Concat(op.Shape(a, start=0, end=3), i64(-1), axis=0))
+        step = op.Max(op.Cast(op.Ceil(op.Sqrt(op.Cast(length, to=1))), to=7), i64(1))
+        count = op.Div(op.Add(length, op.Sub(step, i64(1))), step)              # M = ceil(L / S)
+        lead = op.Shape(a, start=0, end=3)
+        tail = op.Concat(lead, op.Sub(op.Mul(count, step), length), axis=0)   # the padding steps
+        shape = op.Concat(lead, count, step, axis=0)
+
+        def padded(values, fill):
+            # Concat with a filled block: onnxruntime's Pad was several times slower on these shapes.
+            return op.Reshape(op.Concat(values, op.Expand(fill, tail), axis=-1), shape)
+
+        # Step within the segment first, (S, B, KD, N, M): each Scan iteration reads one contiguous
+        # slice (a Scan over another axis transposes its inputs and outputs itself, more slowly).
+        decay = op.Transpose(padded(op.Exp(a), f32(1.0)), perm=[4, 0, 1, 2, 3])
+        drive = op.Transpose(padded(x, f32(0.0)), perm=[4, 0, 1, 2, 3])
+        zeros = op.ConstantOfShape(op.Concat(lead, count, axis=0))
+        ends = _scan_op(op, collects=False)(zeros, decay, drive, body=_step_body("none"), num_scan_inputs=2)
+        totals = op.ReduceProd(decay, i64(0), keepdims=0)                      # (B, KD, N, M)
+        _, starts = _scan_op(op)(op.ConstantOfShape(lead), totals, ends, body=_step_body("before"),
+                                 num_scan_inputs=2, scan_input_axes=[3, 3], scan_output_axes=[3])
+        _, hs = _scan_op(op)(starts, decay, drive, body=_step_body("after"), num_scan_inputs=2)
+        flat = op.Reshape(op.Transpose(hs, perm=[1, 2, 3, 4, 0]), op.Concat(lead, i64(-1), axis=0))
         return op.Slice(flat, i64(0), length, i64(-1))
 
     dt = delta
     if delta_bias is not None:
         dt = op.Add(dt, op.Unsqueeze(delta_bias, i64(-1)))
     if delta_softplus:
-        dt = op.Softplus(dt)
+        # softplus as PyTorch defines it (the input itself above 20) in five cheap elementwise passes:
+        # log(1 + exp(min(x, 20))) >= x below 20 and rounds to 20 at it, so the Max picks x above 20.
+        # onnxruntime's own Softplus is a slower scalar loop.
+        dt = op.Max(dt, op.Log(op.Add(op.Exp(op.Min(dt, f32(20.0))), f32(1.0))))
     a = op.Mul(op.Unsqueeze(dt, i64(2)), op.Unsqueeze(A, i64(0, 3)))           # (B, KD, N, L)
     # Channels of a group share its B and C: view KD as (K, D/K) and broadcast.
     grouped = op.Concat(op.Shape(u, start=0, end=1), op.Shape(B, start=1, end=2), i64(-1, 1),
@@ -285,7 +249,7 @@ def _chunked_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
     drive = op.Mul(op.Reshape(op.Mul(dt, u), grouped), op.Unsqueeze(B, i64(2)))   # (B, K, D/K, N, L)
     per_channel = op.Concat(op.Shape(u, start=0, end=2), op.Shape(B, start=2, end=3),
                             op.Shape(u, start=2, end=3), axis=0)
-    h = recurrence(a, op.Reshape(drive, per_channel), LEVELS)
+    h = recurrence(a, op.Reshape(drive, per_channel))
     h_grouped = op.Reshape(h, op.Concat(op.Shape(B, start=0, end=2), i64(-1), op.Shape(B, start=2, end=4), axis=0))
     y = op.ReduceSum(op.Mul(h_grouped, op.Unsqueeze(C, i64(2))), i64(3), keepdims=0)
     y = op.Reshape(y, op.Shape(u))
@@ -300,28 +264,20 @@ def _onnx_tensor(array: np.ndarray):
     return numpy_helper.from_array(array)
 
 
-# How the scan operator becomes ONNX (see the module docstring; benchmarks/bench_onnx_cpu.py compares them).
-LOWERINGS = {"scan": _scan_onnx_sequential, "scan8": _scan_onnx_sequential8, "scan16": _scan_onnx_sequential16,
-             "chunked": _chunked_scan_onnx}
-
 # ------------------------------------------------------------------------------------------------
 # ONNX export
 # ------------------------------------------------------------------------------------------------
 
-def onnx_model_proto(program, *, opset: int = DEFAULT_OPSET, output_names: Sequence[str] | None = ("logits",),
-                     lowering: str = DEFAULT_LOWERING):
+def onnx_model_proto(program, *, opset: int = DEFAULT_OPSET, output_names: Sequence[str] | None = ("logits",)):
     """The ONNX ModelProto of an ExportedProgram from ``export_program`` (input ``x``), no metadata.
 
-    ``output_names`` None leaves the exporter's names (a program of several outputs). ``lowering`` is
-    how the scan becomes ONNX (``LOWERINGS``).
+    ``output_names`` None leaves the exporter's names (a program of several outputs).
     """
-    if lowering not in LOWERINGS:
-        raise ValueError(f"unknown scan lowering {lowering!r}; choose from {', '.join(LOWERINGS)}")
     _require("onnx")
     _require("onnxscript")
     if opset < 18:
         raise ValueError(f"opset {opset} is too old: the scan lowering needs opset 18 or newer")
-    table = {torch.ops.vmamba.chunked_selective_scan.default: LOWERINGS[lowering]}
+    table = {torch.ops.vmamba.chunked_selective_scan.default: _selective_scan_onnx}
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, custom_translation_table=table,
                                      input_names=["x"], output_names=list(output_names) if output_names else None,
                                      verbose=False, optimize=True)
@@ -334,8 +290,7 @@ def onnx_model_proto(program, *, opset: int = DEFAULT_OPSET, output_names: Seque
 
 def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dynamic: bool = True,
                 resolution: int | tuple[int, int] = 224, batch: int = 2, name: str = "custom",
-                class_names: Sequence[str] | None = None, preprocess: Preprocess | None = None,
-                lowering: str = DEFAULT_LOWERING) -> Path:
+                class_names: Sequence[str] | None = None, preprocess: Preprocess | None = None) -> Path:
     """Write ``model`` as an ONNX file of standard operators (atomically) and return its path.
 
     Input ``x`` (batch, 3, height, width) float32 -> output ``logits`` (batch, classes). With
@@ -347,7 +302,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, d
     if opset < 18:
         raise ValueError(f"opset {opset} is too old: the scan lowering needs opset 18 or newer")
     program = export_program(model, dynamic=dynamic, resolution=resolution, batch=batch)
-    proto = onnx_model_proto(program, opset=opset, lowering=lowering)
+    proto = onnx_model_proto(program, opset=opset)
     height = resolution if isinstance(resolution, int) else resolution[0]
     meta = _metadata(model, name=name, class_names=class_names,
                      preprocess=preprocess or Preprocess(input_size=height), opset=opset)
@@ -447,4 +402,4 @@ def load_onnx(path: str | os.PathLike, *, threads: int | None = None) -> LoadedM
 
 __all__ = ["export_onnx", "export_pt2", "save_pt2", "export_program", "onnx_model_proto", "OnnxClassifier",
            "OnnxModule", "ExportError", "is_onnx_file", "load_onnx", "graph_node_count", "DEFAULT_OPSET",
-           "DEFAULT_LOWERING", "LOWERINGS", "SIZE_MULTIPLE", "INSTALL_HINT"]
+           "SIZE_MULTIPLE", "INSTALL_HINT"]
