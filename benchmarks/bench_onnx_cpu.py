@@ -11,7 +11,7 @@ workers spin after a run while PyTorch's OpenMP team starts), which slowed PyTor
 0.5 s to 0.9-1.1 s per batch and made onnxruntime look twice as good as it is.
 
     python benchmarks/bench_onnx_cpu.py [--model vmamba-tiny] [--resolution 224] [--batch 8]
-                                        [--rounds 3] [--runs 3]
+                                        [--rounds 3] [--runs 3] [--pt2]
 """
 
 from __future__ import annotations
@@ -42,6 +42,14 @@ def _child(spec: dict) -> dict:
         with torch.inference_mode():
             def forward():
                 return model(x).numpy()
+            out = forward()
+    elif spec["runtime"] == "pt2":
+        import vmamba_cli  # noqa: F401  (registers the scan operator the program calls)
+
+        program = torch.export.load(spec["pt2"]).module()
+        with torch.no_grad():
+            def forward():
+                return program(x).numpy()
             out = forward()
     else:
         from vmamba_cli.export import OnnxClassifier
@@ -76,6 +84,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per process")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pt2", action="store_true",
+                        help="also time the torch.export program (.pt2) loaded with torch.export.load")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -87,7 +97,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from vmamba_cli.export import export_program, onnx_model_proto
+    from vmamba_cli.export import export_program, onnx_model_proto, save_pt2
     from vmamba_cli.model import create_model
 
     torch.set_num_threads(args.threads)
@@ -112,22 +122,30 @@ def main() -> None:
               flush=True)
         specs = {"torch": {**base, "runtime": "torch", "output": str(tmp / "torch.npy")},
                  "onnxruntime": {**base, "runtime": "onnxruntime", "onnx": str(path), "output": str(tmp / "ort.npy")}}
-        ratios, medians = [], {"torch": [], "onnxruntime": []}
+        if args.pt2:
+            save_pt2(program, tmp / "model.pt2")
+            specs["pt2"] = {**base, "runtime": "pt2", "pt2": str(tmp / "model.pt2"), "output": str(tmp / "pt2.npy")}
+        others = [name for name in specs if name != "torch"]
+        ratios = {name: [] for name in others}
+        medians = {name: [] for name in specs}
         for round_index in range(args.rounds):
-            order = ["torch", "onnxruntime"] if round_index % 2 == 0 else ["onnxruntime", "torch"]
+            order = list(specs) if round_index % 2 == 0 else list(specs)[::-1]
             seconds = {}
             for runtime in order:
                 result = _spawn(specs[runtime])
                 seconds[runtime] = statistics.median(result["seconds"])
                 medians[runtime].append(seconds[runtime])
-            ratios.append(seconds["torch"] / seconds["onnxruntime"])
-            print(f"  round {round_index + 1}: torch {seconds['torch']:.3f} s, onnxruntime "
-                  f"{seconds['onnxruntime']:.3f} s, ratio {ratios[-1]:.2f}, load {result['load']:.2f}", flush=True)
-        err = float(np.abs(np.load(tmp / "torch.npy") - np.load(tmp / "ort.npy")).max())
-        print(f"max |onnx - torch| logits {err:.2e}; median s per batch: torch "
-              f"{statistics.median(medians['torch']):.3f}, onnxruntime {statistics.median(medians['onnxruntime']):.3f}; "
-              f"onnxruntime speed vs torch eager: {statistics.median(ratios):.2f}x "
-              f"(rounds: {' '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+            for name in others:
+                ratios[name].append(seconds["torch"] / seconds[name])
+            print(f"  round {round_index + 1}: " + ", ".join(f"{name} {seconds[name]:.3f} s" for name in specs)
+                  + f"; load {result['load']:.2f}", flush=True)
+        reference = np.load(tmp / "torch.npy")
+        for name in others:
+            err = float(np.abs(np.load(specs[name]["output"]) - reference).max())
+            print(f"{name}: max |{name} - torch| logits {err:.2e}; median s per batch: torch "
+                  f"{statistics.median(medians['torch']):.3f}, {name} {statistics.median(medians[name]):.3f}; "
+                  f"speed vs torch eager: {statistics.median(ratios[name]):.2f}x "
+                  f"(rounds: {' '.join(f'{r:.2f}' for r in ratios[name])})", flush=True)
 
 if __name__ == "__main__":
     main()
