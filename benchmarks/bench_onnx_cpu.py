@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per process")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pt2", action="store_true",
-                        help="also time the torch.export program (.pt2) loaded with torch.export.load")
+                        help="also time the .pt2 program of `vmamba export --format pt2`, loaded with torch.export.load")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -97,7 +97,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from vmamba_cli.export import export_program, onnx_model_proto, save_pt2
+    from vmamba_cli.export import export_program, export_pt2, onnx_model_proto
     from vmamba_cli.model import create_model
 
     torch.set_num_threads(args.threads)
@@ -123,7 +123,7 @@ def main() -> None:
         specs = {"torch": {**base, "runtime": "torch", "output": str(tmp / "torch.npy")},
                  "onnxruntime": {**base, "runtime": "onnxruntime", "onnx": str(path), "output": str(tmp / "ort.npy")}}
         if args.pt2:
-            save_pt2(program, tmp / "model.pt2")
+            export_pt2(model, tmp / "model.pt2", resolution=args.resolution)   # as `vmamba export --format pt2`
             specs["pt2"] = {**base, "runtime": "pt2", "pt2": str(tmp / "model.pt2"), "output": str(tmp / "pt2.npy")}
         others = [name for name in specs if name != "torch"]
         ratios = {name: [] for name in others}

@@ -1,14 +1,16 @@
 """Export a VMamba classifier: ONNX (standard operators only) and torch.export's ExportedProgram (.pt2).
 
-Both paths trace the model with the "chunked" scan backend (``vmamba_cli.kernels.chunked``), whose
-scan is one registered operator. ``export_pt2`` keeps that operator in the program (loading the
-file needs ``vmamba_cli`` imported, which registers it). ``export_onnx`` lowers it to plain ONNX
-operators (``_selective_scan_onnx``): the step sizes (softplus), decays ``exp(dt*A)`` and drives
-``dt*B*u`` are batched operators over the whole sequence; the recurrence ``h = decay * h + drive``
-runs as three ONNX ``Scan``s over about sqrt(L) segments of about sqrt(L) steps (segments in
-parallel from zero, their end states carried across segments, segments again from their true
-starting states); ``y = C h + D u`` is batched again (docs/design.md §11 compares the lowerings
-that were tried).
+Both paths trace the model with ``torch.export``; the scan is a registered operator in the traced
+program. ``export_pt2`` traces with the default scan backend: the program calls the SS2D core
+operator ``vmamba::cross_selective_scan`` with backend "auto", resolved when it runs (the native
+kernel on CPU, Triton on CUDA), so it runs at the eager model's speed; loading the file needs
+``vmamba_cli`` imported, which registers the operator. ``export_onnx`` traces with the "chunked"
+backend, whose scan is the one operator ``vmamba::chunked_selective_scan``, and lowers it to plain
+ONNX operators (``_selective_scan_onnx``, docs/design.md §5.4): the step sizes (softplus), decays
+``exp(dt*A)`` and drives ``dt*B*u`` are batched operators over the whole sequence; the recurrence
+``h = decay * h + drive`` runs as three ONNX ``Scan``s over about sqrt(L) segments of about sqrt(L)
+steps (segments in parallel from zero, their end states carried across segments, segments again
+from their true starting states); ``y = C h + D u`` is batched again.
 
 Every size is taken from the input shapes at run time, so one graph serves every batch and image
 size and its node count does not depend on them. Nothing in a custom domain is emitted: stock
@@ -41,7 +43,8 @@ from vmamba_cli.model import VSSM, Preprocess, VMambaConfig
 from vmamba_cli.weights import LoadedModel, atomic_write
 
 DEFAULT_OPSET = 18
-EXPORT_BACKEND = "chunked"
+ONNX_BACKEND = "chunked"            # the scan as one operator with a standard-ONNX lowering
+PT2_BACKEND = "auto"                # the fused core operator, kernel chosen where the program runs
 INSTALL_HINT = 'pip install "vmamba[export]"'
 # Height and width of a dynamic export are multiples of this: the stem divides by 4 and three
 # downsamplings by 2 each (docs/design.md §3.2, §3.8).
@@ -94,28 +97,32 @@ def _strip_flop_markers(program) -> None:
     program.graph_module.recompile()
 
 
-def _export_copy(model):
-    """A CPU float32 eval copy of ``model`` (a VSSM, or a module holding VSSMs) using the exportable scan;
-    the caller's model is untouched."""
+def _export_copy(model, scan_backend: str):
+    """A CPU float32 eval copy of ``model`` (a VSSM, or a module holding VSSMs) whose scans use
+    ``scan_backend``; the caller's model is untouched."""
     net = copy.deepcopy(model).to("cpu", torch.float32).eval()
     for module in net.modules():
         if isinstance(module, VSSM):
-            module.set_scan_backend(EXPORT_BACKEND)
+            module.set_scan_backend(scan_backend)
     return net
 
 
-def export_program(model, *, dynamic: bool = True, resolution: int | tuple[int, int] = 224, batch: int = 2):
+def export_program(model, *, dynamic: bool = True, resolution: int | tuple[int, int] = 224, batch: int = 2,
+                   scan_backend: str = ONNX_BACKEND):
     """torch.export.ExportedProgram of the classifier, dynamic in batch, height and width by default.
 
     Dynamic heights and widths are multiples of 32 from 64 up (non-square allowed). The example input is
     ``batch`` x 3 x ``resolution``; with ``dynamic`` the batch of the example must be at least 2 (a
-    size-1 example would be specialised by the tracer).
+    size-1 example would be specialised by the tracer). ``scan_backend`` "chunked" (the default)
+    records the scan as ``vmamba::chunked_selective_scan``, the operator the ONNX translation lowers;
+    "auto" records the SS2D core operator ``vmamba::cross_selective_scan`` with backend "auto", which
+    picks the kernel for the device where the program runs (native on CPU, Triton on CUDA).
     """
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     if dynamic and (height % SIZE_MULTIPLE or width % SIZE_MULTIPLE):
         raise ValueError(f"a dynamic export needs a resolution that is a multiple of {SIZE_MULTIPLE}, "
                          f"got {height}x{width}")
-    net = _export_copy(model)
+    net = _export_copy(model, scan_backend)
     channels = getattr(getattr(net, "config", None), "in_chans", 3)
     example = torch.randn(max(batch, 2) if dynamic else batch, channels, height, width)
     shapes = None
@@ -133,8 +140,13 @@ def export_program(model, *, dynamic: bool = True, resolution: int | tuple[int, 
 
 def export_pt2(model, path: str | os.PathLike, *, dynamic: bool = True, resolution: int | tuple[int, int] = 224,
                batch: int = 2) -> Path:
-    """Write the ExportedProgram with ``torch.export.save`` (atomically)."""
-    return save_pt2(export_program(model, dynamic=dynamic, resolution=resolution, batch=batch), path)
+    """Write the ExportedProgram with ``torch.export.save`` (atomically).
+
+    The program calls the SS2D core operator with backend "auto" (``export_program``), so a loaded
+    program runs the same kernels as the eager model on the device it is moved to.
+    """
+    program = export_program(model, dynamic=dynamic, resolution=resolution, batch=batch, scan_backend=PT2_BACKEND)
+    return save_pt2(program, path)
 
 
 def save_pt2(program, path: str | os.PathLike) -> Path:
