@@ -217,34 +217,31 @@ def _selective_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
 
     def recurrence(a, x):
         # h_t = exp(a_t) h_{t-1} + x_t along the last axis of (B, KD, N, L), h_{-1} = 0.
-        # The sequence is cut into M segments of S = ceil(sqrt(L)) steps, (B, KD, N, M, S), the last
-        # padded with decay 1 / drive 0. Three Scans of at most ~sqrt(L) iterations, each iteration
-        # working on a whole (B, KD, N, M) slice: (1) every segment from a zero state, keeping only
-        # its end state; (2) those ends carried across the segments, giving each segment's true
-        # starting state; (3) every segment again from its starting state, collecting the states.
+        # The sequence is cut into M segments of S steps, S the largest divisor of L up to about
+        # sqrt(L) (for an image's L = h*w at least min(h, w)), so (B, KD, N, M, S) is a view: nothing
+        # is padded or sliced. Three Scans, each iteration working on a whole (B, KD, N, M) or
+        # (B, KD, N) slice: (1) every segment from a zero state, keeping only its end state; (2) those
+        # ends carried across the segments, giving each segment's true starting state; (3) every
+        # segment again from its starting state, collecting the states.
         length = op.Shape(a, start=3, end=4)
-        step = op.Max(op.Cast(op.Ceil(op.Sqrt(op.Cast(length, to=1))), to=7), i64(1))
-        count = op.Div(op.Add(length, op.Sub(step, i64(1))), step)              # M = ceil(L / S)
+        limit = op.Add(op.Cast(op.Floor(op.Sqrt(op.Cast(length, to=1))), to=7), i64(1))
+        candidates = op.Range(i64(1), op.Squeeze(limit, i64(0)), i64(1))
+        divisors = op.Where(op.Equal(op.Mod(length, candidates), i64(0)), candidates, i64(0))
+        step = op.ReduceMax(divisors, keepdims=1)                                # S, shape (1,)
+        count = op.Div(length, step)                                            # M = L / S
         lead = op.Shape(a, start=0, end=3)
-        tail = op.Concat(lead, op.Sub(op.Mul(count, step), length), axis=0)   # the padding steps
         shape = op.Concat(lead, count, step, axis=0)
-
-        def padded(values, fill):
-            # Concat with a filled block: onnxruntime's Pad was several times slower on these shapes.
-            return op.Reshape(op.Concat(values, op.Expand(fill, tail), axis=-1), shape)
-
         # Step within the segment first, (S, B, KD, N, M): each Scan iteration reads one contiguous
         # slice (a Scan over another axis transposes its inputs and outputs itself, more slowly).
-        decay = op.Transpose(padded(op.Exp(a), f32(1.0)), perm=[4, 0, 1, 2, 3])
-        drive = op.Transpose(padded(x, f32(0.0)), perm=[4, 0, 1, 2, 3])
+        decay = op.Transpose(op.Reshape(op.Exp(a), shape), perm=[4, 0, 1, 2, 3])
+        drive = op.Transpose(op.Reshape(x, shape), perm=[4, 0, 1, 2, 3])
         zeros = op.ConstantOfShape(op.Concat(lead, count, axis=0))
         ends = _scan_op(op, collects=False)(zeros, decay, drive, body=_step_body("none"), num_scan_inputs=2)
         totals = op.ReduceProd(decay, i64(0), keepdims=0)                      # (B, KD, N, M)
         _, starts = _scan_op(op)(op.ConstantOfShape(lead), totals, ends, body=_step_body("before"),
                                  num_scan_inputs=2, scan_input_axes=[3, 3], scan_output_axes=[3])
         _, hs = _scan_op(op)(starts, decay, drive, body=_step_body("after"), num_scan_inputs=2)
-        flat = op.Reshape(op.Transpose(hs, perm=[1, 2, 3, 4, 0]), op.Concat(lead, i64(-1), axis=0))
-        return op.Slice(flat, i64(0), length, i64(-1))
+        return op.Reshape(op.Transpose(hs, perm=[1, 2, 3, 4, 0]), op.Shape(a))
 
     dt = delta
     if delta_bias is not None:
