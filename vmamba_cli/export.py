@@ -8,8 +8,7 @@ kernel on CPU, Triton on CUDA), so it runs at the eager model's speed; loading t
 backend, whose scan is the one operator ``vmamba::chunked_selective_scan``, and lowers it to plain
 ONNX operators (``_selective_scan_onnx``, docs/design.md §5.4): the step sizes (softplus), decays
 ``exp(dt*A)`` and drives ``dt*B*u`` are batched operators over the whole sequence; the recurrence
-``h = decay * h + drive`` runs as three ONNX ``Scan``s over about sqrt(L) segments of about sqrt(L)
-steps (segments in parallel from zero, their end states carried across segments, segments again
+``h = decay * h + drive`` runs as three ONNX ``Scan``s over segments of about sqrt(L) steps (segments in parallel from zero, their end states carried across segments, segments again
 from their true starting states); ``y = C h + D u`` is batched again.
 
 Every size is taken from the input shapes at run time, so one graph serves every batch and image
