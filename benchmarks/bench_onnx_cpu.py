@@ -6,9 +6,10 @@ alternates between rounds), and each process times ``--runs`` forwards after a w
 is the median over rounds of (torch seconds / onnxruntime seconds), each side's seconds being the
 median of its runs: above 1 means onnxruntime is faster.
 
-Why separate processes: with both runtimes in one process their thread pools compete (onnxruntime's
-workers spin after a run while PyTorch's OpenMP team starts), which slowed PyTorch here from about
-0.5 s to 0.9-1.1 s per batch and made onnxruntime look twice as good as it is.
+Why separate processes: in one process PyTorch ran about 2x slower right after onnxruntime had
+run (0.4 s -> 0.7-1.0 s per batch, untuned malloc: its large temporaries page-faulted afresh), which
+made onnxruntime look twice as good as it is. Every child applies the malloc tuning the `vmamba`
+command applies at start-up (``vmamba_cli.memory.tune_malloc``), so PyTorch is timed as users run it.
 
     python benchmarks/bench_onnx_cpu.py [--model vmamba-tiny] [--resolution 224] [--batch 8]
                                         [--rounds 3] [--runs 3] [--pt2]
@@ -32,6 +33,9 @@ def _child(spec: dict) -> dict:
     import numpy as np
     import torch
 
+    from vmamba_cli.memory import tune_malloc
+
+    tune_malloc()
     torch.set_num_threads(spec["threads"])
     x = torch.from_numpy(np.load(spec["input"]))
     if spec["runtime"] == "torch":
