@@ -12,7 +12,7 @@ made onnxruntime look twice as good as it is. Every child applies the malloc tun
 command applies at start-up (``vmamba_cli.memory.tune_malloc``), so PyTorch is timed as users run it.
 
     python benchmarks/bench_onnx_cpu.py [--model vmamba-tiny] [--resolution 224] [--batch 8]
-                                        [--rounds 3] [--runs 3] [--pt2]
+                                        [--rounds 3] [--runs 3] [--pt2] [--ort-profile]
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def _child(spec: dict) -> dict:
             def forward():
                 return program(x).numpy()
             out = forward()
+    elif spec.get("profile"):
+        return _profile_onnxruntime(spec, x)
     else:
         from vmamba_cli.export import OnnxClassifier
 
@@ -71,6 +73,28 @@ def _child(spec: dict) -> dict:
             seconds.append(time.perf_counter() - start)
     np.save(spec["output"], out)
     return {"seconds": seconds, "load": os.getloadavg()[0]}
+
+
+def _profile_onnxruntime(spec: dict, x) -> dict:
+    """onnxruntime's own profiler over ``runs`` forwards after a warm-up: seconds per forward by op type."""
+    import collections
+
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(spec["output"]).with_suffix(""))
+    session = onnxruntime.InferenceSession(spec["onnx"], options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    session.run(None, feed)
+    for _ in range(spec["runs"]):
+        session.run(None, feed)
+    by_op = collections.Counter()
+    for event in json.loads(Path(session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"] / 1e6 / (spec["runs"] + 1)
+    return {"seconds_by_op": dict(by_op.most_common()), "load": os.getloadavg()[0]}
 
 
 def _spawn(spec: dict) -> dict:
@@ -90,6 +114,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pt2", action="store_true",
                         help="also time the .pt2 program of `vmamba export --format pt2`, loaded with torch.export.load")
+    parser.add_argument("--ort-profile", action="store_true",
+                        help="also run onnxruntime's profiler in one more process: seconds per forward by op type")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -150,6 +176,12 @@ def main() -> None:
                   f"{statistics.median(medians['torch']):.3f}, {name} {statistics.median(medians[name]):.3f}; "
                   f"speed vs torch eager: {statistics.median(ratios[name]):.2f}x "
                   f"(rounds: {' '.join(f'{r:.2f}' for r in ratios[name])})", flush=True)
+        if args.ort_profile:
+            result = _spawn({**specs["onnxruntime"], "profile": True, "output": str(tmp / "ort-profile.json")})
+            total = sum(result["seconds_by_op"].values())
+            print(f"onnxruntime profile, s per forward by op type (all nodes {total:.3f} s):", flush=True)
+            for op_type, seconds in list(result["seconds_by_op"].items())[:15]:
+                print(f"  {op_type:20s} {seconds:.3f}  {100 * seconds / total:4.1f}%", flush=True)
 
 if __name__ == "__main__":
     main()
