@@ -51,8 +51,10 @@ def main() -> None:
     import torch._inductor.config as inductor_config
     import torchvision
 
+    from vmamba_cli.memory import tune_malloc
     from vmamba_cli.model import create_model
 
+    tune_malloc()                      # as the `vmamba` command and bench_e2e_cpu.py do
     torch.set_num_threads(args.threads)
     inductor_config.cpp.enable_kernel_profile = True
     torch.manual_seed(0)
