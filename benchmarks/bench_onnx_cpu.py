@@ -6,10 +6,13 @@ alternates between rounds), and each process times ``--runs`` forwards after a w
 is the median over rounds of (torch seconds / onnxruntime seconds), each side's seconds being the
 median of its runs: above 1 means onnxruntime is faster.
 
-Why separate processes: in one process PyTorch ran about 2x slower right after onnxruntime had
-run (0.4 s -> 0.7-1.0 s per batch, untuned malloc: its large temporaries page-faulted afresh), which
-made onnxruntime look twice as good as it is. Every child applies the malloc tuning the `vmamba`
-command applies at start-up (``vmamba_cli.memory.tune_malloc``), so PyTorch is timed as users run it.
+Why separate processes: with both runtimes in one process, PyTorch's forwards were at times about
+2x slower right after onnxruntime had run (0.85-1.1 s instead of about 0.45 s per batch in the first
+paired runs), which made onnxruntime look twice as good as it is. The cause was not pinned down (not
+onnxruntime's spinning worker threads: turning spinning off changed nothing), and later checks did
+not reproduce it (benchmarks/results/2026-12-03-cpu-2vcpu/after-onnxruntime.txt); separate processes
+rule it out. Every child applies the malloc tuning the `vmamba` command applies at start-up
+(``vmamba_cli.memory.tune_malloc``), so PyTorch is timed as users run it.
 
     python benchmarks/bench_onnx_cpu.py [--model vmamba-tiny] [--resolution 224] [--batch 8]
                                         [--rounds 3] [--runs 3] [--pt2] [--ort-profile]
