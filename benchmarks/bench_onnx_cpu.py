@@ -79,7 +79,8 @@ def _child(spec: dict) -> dict:
 
 
 def _profile_onnxruntime(spec: dict, x) -> dict:
-    """onnxruntime's own profiler over ``runs`` forwards after a warm-up: seconds per forward by op type."""
+    """onnxruntime's own profiler over a first forward and ``runs`` more (its profiling cannot start
+    later): seconds per forward by op type, averaged over all of them."""
     import collections
 
     import onnxruntime
