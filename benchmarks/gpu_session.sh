@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU correctness tests, then the scan / model benchmark.
 # Run from the repository root on a CUDA machine (no install needed):
-#     bash benchmarks/gpu_session.sh [extra bench_scan_gpu.py arguments]
+#     [COMPILE=1] bash benchmarks/gpu_session.sh [extra bench_scan_gpu.py arguments]
 # Writes logs and tables to $OUT (or ./gpu-out) and prints a summary last.
 set -u
 out="${OUT:-gpu-out}"
@@ -35,4 +35,10 @@ if [ "${NCU:-0}" = "1" ] && command -v ncu >/dev/null; then
         --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis \
         $py benchmarks/bench_scan_gpu.py --ncu-target > "$out/ncu.txt" 2>&1
     echo "ncu exit $?: $(wc -l < "$out/ncu.txt") lines in ncu.txt"
+fi
+# Training images/s, eager and torch.compile, vmamba-tiny against swin_t (#18's GPU check; compiles
+# take minutes, so it runs only when asked).
+if [ "${COMPILE:-0}" = "1" ]; then
+    timeout 420 $py benchmarks/bench_compile_train.py --device cuda --batch 64 --steps 20 --json \
+        2>&1 | tee "$out/compile_train.log"
 fi
