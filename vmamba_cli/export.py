@@ -203,7 +203,7 @@ def _selective_scan_onnx(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     """vmamba::chunked_selective_scan in standard ONNX operators (opset >= 18).
 
     ``chunk`` (the PyTorch closed form's chunk length) does not apply here. Every size (sequence
-    length, segment length and count, padding) is computed from Shape at run time, so no size of the
+    length, segment length and count) is computed from Shape at run time, so no size of the
     example is baked in and the graph is the same for every image size.
     """
     from onnxscript import opset18 as op
