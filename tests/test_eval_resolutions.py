@@ -176,3 +176,22 @@ def test_write_digits_folder_is_the_training_split(tmp_path):
     assert pixels.shape == (16, 16) and np.array_equal(pixels, images[index, 0].numpy())
     with pytest.raises(ValueError, match="split"):
         write_digits_folder(tmp_path / "x", split="test")
+
+
+def test_model_runs_pair_models_with_weights_and_label_them_uniquely():
+    from vmamba_cli.evaluate import model_runs
+
+    # One --model serves every --weights (and the reverse); otherwise they pair in order.
+    runs = model_runs(["vmamba-tiny"], ["a/first.safetensors", "b/second.pth"])
+    assert [(r.model, r.weights, r.label) for r in runs] == [
+        ("vmamba-tiny", "a/first.safetensors", "first"), ("vmamba-tiny", "b/second.pth", "second")]
+    assert [r.model for r in model_runs(["m1", "m2"], ["w.pth"])] == ["m1", "m2"]
+    assert [r.label for r in model_runs([None], [None])] == ["vmamba-tiny"]
+    assert [r.label for r in model_runs(["vmamba-small"], [None])] == ["vmamba-small"]
+    # Colliding stems take their folder, then the whole path.
+    assert [r.label for r in model_runs([None], ["run1/best.safetensors", "run2/best.safetensors"])] == [
+        "run1/best", "run2/best"]
+    assert [r.label for r in model_runs([None], ["x/run/best.pth", "y/run/best.pth"])] == [
+        "x/run/best.pth", "y/run/best.pth"]
+    with pytest.raises(ValueError, match="2 --model and 3 --weights"):
+        model_runs(["m1", "m2"], ["a", "b", "c"])

@@ -34,6 +34,7 @@ from vmamba_cli.errors import (EXIT_ERROR, EXIT_IMAGE_FAILURES, EXIT_OK, EXIT_US
                                InputError)
 from vmamba_cli.export import is_onnx_file, load_onnx
 from vmamba_cli.metrics import TOPK, TopKAccumulator
+from vmamba_cli.model import DEFAULT_MODEL
 from vmamba_cli.runtime import Dist, amp_name, autocast, check_memory, check_resolution, process_group, resolve_amp
 from vmamba_cli.weights import atomic_write, load_model
 
@@ -514,6 +515,35 @@ def evaluate_resolutions(
     return ResolutionSweep(label, results, loaded.preset.input_size)
 
 
+class ModelRun(NamedTuple):
+    """One model of a comparison: what ``evaluate_resolutions`` gets, and its row / legend label."""
+    model: str | None
+    weights: str | None
+    label: str
+
+
+def model_runs(models: Sequence[str | None], weights: Sequence[str | None]) -> list[ModelRun]:
+    """Pair ``--model`` and ``--weights`` values: one of either side serves every entry of the other,
+    otherwise they pair in order (ValueError when the counts differ). Labels are the weights files'
+    stems (else the model names), made unique with the parent folder, then the whole path, when they
+    collide."""
+    models, weights = list(models or [None]), list(weights or [None])
+    if len(models) == 1:
+        models = models * len(weights)
+    elif len(weights) == 1:
+        weights = weights * len(models)
+    if len(models) != len(weights):
+        raise ValueError(f"{len(models)} --model and {len(weights)} --weights: give one --model for all, "
+                         f"or one per --weights")
+    stems = [Path(w).stem if w else (m or DEFAULT_MODEL) for w, m in zip(weights, models)]
+    labels = stems
+    if len(set(stems)) < len(stems):
+        labels = [f"{Path(w).parent.name}/{Path(w).stem}" if w else s for w, s in zip(weights, stems)]
+        if len(set(labels)) < len(labels):
+            labels = [w or s for w, s in zip(weights, stems)]
+    return [ModelRun(m, w, label) for m, w, label in zip(models, weights, labels)]
+
+
 def sweep_document(sweeps: Sequence[ResolutionSweep]) -> dict[str, Any]:
     """The JSON document of `vmamba eval --json` for one or more models at one or more resolutions.
 
@@ -589,7 +619,8 @@ def _num_classes(net: torch.nn.Module) -> int:
 
 __all__ = [
     "EXIT_ERROR", "EXIT_IMAGE_FAILURES", "EXIT_OK", "EXIT_USAGE", "ClassMapping", "EvalBatch", "EvalFailure",
-    "EvalImageDataset", "EvalResult", "EvalSample", "Prediction", "ResolutionSweep", "class_folders", "collate_eval",
-    "evaluate", "evaluate_resolutions", "imagenet_wnids", "map_classes", "plot_accuracy_vs_resolution",
+    "EvalImageDataset", "EvalResult", "EvalSample", "ModelRun", "Prediction", "ResolutionSweep", "class_folders",
+    "collate_eval", "evaluate", "evaluate_resolutions", "imagenet_wnids", "map_classes", "model_runs",
+    "plot_accuracy_vs_resolution",
     "scan_image_folder", "sweep_document",
 ]

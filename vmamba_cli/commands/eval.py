@@ -106,15 +106,6 @@ def _split_positionals(data_dir: Path, extra: list[str], resolution: Optional[Li
     return Path(others[0]), ([*resolution, *map(int, numbers)] if resolution else None)
 
 
-def _labels(weights: list[Optional[str]], models: list[Optional[str]]) -> list[str]:
-    """Weights file stems (else model names), made unique with their parent folder when they collide."""
-    stems = [Path(w).stem if w else (m or "vmamba-tiny") for w, m in zip(weights, models)]
-    if len(set(stems)) == len(stems):
-        return stems
-    longer = [f"{Path(w).parent.name}/{Path(w).stem}" if w else s for w, s in zip(weights, stems)]
-    return longer if len(set(longer)) == len(longer) else [w or s for w, s in zip(weights, stems)]
-
-
 def register(app: typer.Typer) -> None:
     @app.command("eval", context_settings={"allow_extra_args": True})
     def eval_command(
@@ -166,20 +157,15 @@ def register(app: typer.Typer) -> None:
         2 bad command line; 3 finished, but some images could not be read (listed in the summary and JSON).
         """
         from vmamba_cli.errors import VMambaError
-        from vmamba_cli.evaluate import evaluate, evaluate_resolutions
+        from vmamba_cli.evaluate import evaluate, evaluate_resolutions, model_runs
         from vmamba_cli.runtime import check_output_file, process_group
 
         data_dir, resolutions = _split_positionals(data_dir, list(ctx.args), resolution)
-        weights_list: list[Optional[str]] = list(weights or [None])
-        models: list[Optional[str]] = list(model or [None])
-        if len(models) == 1:
-            models = models * len(weights_list)
-        elif len(weights_list) == 1:
-            weights_list = weights_list * len(models)
-        if len(models) != len(weights_list):
-            raise typer.BadParameter(f"{len(models)} --model and {len(weights_list)} --weights: give one "
-                                     f"--model for all, or one per --weights")
-        sweep_mode = len(weights_list) > 1 or (resolutions is not None and len(resolutions) > 1) or plot is not None
+        try:
+            runs = model_runs(model or [None], weights or [None])
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        sweep_mode = len(runs) > 1 or (resolutions is not None and len(resolutions) > 1) or plot is not None
         if sweep_mode and predictions is not None:
             raise typer.BadParameter("--predictions writes one model at one resolution; drop it, or evaluate "
                                      "one --weights at one --resolution")
@@ -192,7 +178,7 @@ def register(app: typer.Typer) -> None:
             try:
                 if not sweep_mode:
                     result = evaluate(
-                        data_dir, models[0], weights_list[0], ema=ema,
+                        data_dir, runs[0].model, runs[0].weights, ema=ema,
                         resolution=resolutions[0] if resolutions else None, crop_pct=crop_pct,
                         device=device, batch_size=batch_size, workers=workers, amp=amp,
                         limit=limit, predictions=predictions is not None, progress=sys.stderr.isatty(),
@@ -201,12 +187,12 @@ def register(app: typer.Typer) -> None:
                     sweeps = None
                 else:
                     # Without --resolution each model runs at its own size (None).
-                    sweeps = [evaluate_resolutions(data_dir, m, w, resolutions=resolutions or [None], label=label,
-                                                   ema=ema, crop_pct=crop_pct, device=device, batch_size=batch_size,
-                                                   workers=workers, amp=amp, limit=limit,
+                    sweeps = [evaluate_resolutions(data_dir, run.model, run.weights, resolutions=resolutions or [None],
+                                                   label=run.label, ema=ema, crop_pct=crop_pct, device=device,
+                                                   batch_size=batch_size, workers=workers, amp=amp, limit=limit,
                                                    progress=sys.stderr.isatty(), max_pixels=max_pixels,
                                                    allow_non_finite=allow_non_finite)
-                              for m, w, label in zip(models, weights_list, _labels(weights_list, models))]
+                              for run in runs]
             except VMambaError:
                 raise  # reported once by the CLI (vmamba_cli/cli.py), from rank 0 only
             except (ValueError, FileNotFoundError) as exc:
