@@ -176,10 +176,10 @@ def test_golden_fixture_through_compile(fixtures_dir):
 # torch.export with free batch, height and width
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["vmamba-v0-tiny", "vmamba-tiny-s1l8"])
+@pytest.mark.parametrize("name", list_models())
 def test_export_with_dynamic_batch_height_and_width(name):
     torch.manual_seed(0)
-    model = _small(name).eval()
+    model = _one_block_per_stage(name).eval()
     program = torch.export.export(model, (torch.randn(2, 3, 64, 96),), dynamic_shapes=model.export_dynamic_shapes())
     assert _calls(program.graph, CORE) == sum(model.config.depths)
     exported = program.module()
