@@ -41,25 +41,23 @@ def _child(spec: dict) -> dict:
     tune_malloc()
     torch.set_num_threads(spec["threads"])
     x = torch.from_numpy(np.load(spec["input"]))
+    if spec.get("profile"):
+        return _profile_onnxruntime(spec, x)
     if spec["runtime"] == "torch":
         from vmamba_cli.model import create_model
 
         model = create_model(spec["model"]).eval()
         model.load_state_dict(torch.load(spec["weights"]))
-        with torch.inference_mode():
-            def forward():
-                return model(x).numpy()
-            out = forward()
+
+        def forward():
+            return model(x).numpy()
     elif spec["runtime"] == "pt2":
         import vmamba_cli  # noqa: F401  (registers the scan operator the program calls)
 
         program = torch.export.load(spec["pt2"]).module()
-        with torch.no_grad():
-            def forward():
-                return program(x).numpy()
-            out = forward()
-    elif spec.get("profile"):
-        return _profile_onnxruntime(spec, x)
+
+        def forward():
+            return program(x).numpy()
     else:
         from vmamba_cli.export import OnnxClassifier
 
@@ -67,9 +65,9 @@ def _child(spec: dict) -> dict:
 
         def forward():
             return clf(x)
-        out = forward()
     seconds = []
     with torch.inference_mode():
+        out = forward()                                   # warm-up
         for _ in range(spec["runs"]):
             start = time.perf_counter()
             forward()

@@ -522,8 +522,9 @@ class ModelRun(NamedTuple):
     label: str
 
 
-def model_runs(models: Sequence[str | None], weights: Sequence[str | None]) -> list[ModelRun]:
-    """Pair ``--model`` and ``--weights`` values: one of either side serves every entry of the other,
+def model_runs(models: Sequence[str | None] | None, weights: Sequence[str | None] | None) -> list[ModelRun]:
+    """Pair ``--model`` and ``--weights`` values (None or empty: the default model, its default
+    weights): one of either side serves every entry of the other,
     otherwise they pair in order (ValueError when the counts differ). Labels are the weights files'
     stems (else the model names), made unique with the parent folder, then the whole path, when they
     collide."""

@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
 
         data_dir, resolutions = _split_positionals(data_dir, list(ctx.args), resolution)
         try:
-            runs = model_runs(model or [None], weights or [None])
+            runs = model_runs(model, weights)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         sweep_mode = len(runs) > 1 or (resolutions is not None and len(resolutions) > 1) or plot is not None
