@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from . import chunked as _chunked
 from . import cpu as _cpu
 from . import reference as _reference
 from . import torch_scan as _torch_scan
@@ -50,9 +49,6 @@ _BACKENDS = {
     if _triton is not None else _Backend(is_available=lambda device: False),
     "cpu": _Backend(is_available=_cpu.is_available, selective_scan=_cpu.selective_scan,
                     cross_selective_scan=_cpu.cross_selective_scan),
-    # Standard-ops chunked closed form for exporters (ONNX, torch.export); "auto" never picks it.
-    # Inline: exporters must see its cross-scan, projections and scan operator, not the SS2D core op.
-    "chunked": _Backend(inline=True, selective_scan=_chunked.selective_scan),
 }
 BACKENDS = tuple(_BACKENDS)
 

@@ -1,5 +1,5 @@
-"""Export: the chunked closed-form scan, ONNX files run by onnxruntime, torch.export programs, `vmamba export`,
-and ONNX files in `vmamba predict`, `vmamba eval` and `vmamba profile --runtime onnxruntime`.
+"""Export: the ONNX lowering of the SS2D core, ONNX files run by onnxruntime, torch.export programs,
+`vmamba export`, and ONNX files in `vmamba predict`, `vmamba eval` and `vmamba profile --runtime onnxruntime`.
 
 ONNX parity is checked for every released configuration: shrunk (one block per stage, an eighth of
 the widths) with each configuration's structural flags kept, exported dynamic and run at batch 1
@@ -35,84 +35,12 @@ from vmamba_cli.export import (ExportError, OnnxClassifier, _require, export_onn
 from vmamba_cli.model import Preprocess  # noqa: E402
 from vmamba_cli.predict import predict  # noqa: E402
 from vmamba_cli.profile import profile  # noqa: E402
-from vmamba_cli.kernels.chunked import linear_recurrence_closed, selective_scan_chunked  # noqa: E402
 from vmamba_cli.model import MODELS, VSSM, VMambaConfig, get_model_spec  # noqa: E402
 from vmamba_cli.weights import save_model  # noqa: E402
 from conftest import load_golden  # noqa: E402
 
 TOL = 1e-4
 runner = CliRunner()
-
-
-# ------------------------------------------------------------------------------------------------
-# The chunked scan itself
-# ------------------------------------------------------------------------------------------------
-
-def _scan_inputs(batch, groups, per_group, d_state, length, seed=0, bias_shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    channels = groups * per_group
-    return dict(
-        u=torch.randn(batch, channels, length, generator=g),
-        delta=torch.randn(batch, channels, length, generator=g),
-        A=-torch.exp(torch.randn(channels, d_state, generator=g)),
-        B=torch.randn(batch, groups, d_state, length, generator=g),
-        C=torch.randn(batch, groups, d_state, length, generator=g),
-        D=torch.randn(channels, generator=g),
-        delta_bias=torch.randn(channels, generator=g) + bias_shift,
-    )
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-@pytest.mark.parametrize("length,d_state,bias_shift", [
-    (1, 1, 0.0), (15, 4, 0.0), (37, 16, 0.0), (300, 16, 0.0), (4096, 1, 0.0),
-    # dt around 1e-3: the state remembers thousands of steps, so the chunk carries matter.
-    (4096, 2, -7.0),
-])
-def test_chunked_scan_matches_reference(length, d_state, bias_shift):
-    t = _scan_inputs(2 if length < 1000 else 1, 4, 3, d_state, length, bias_shift=bias_shift)
-    ref = kernels.selective_scan(**t, delta_softplus=True, backend="reference")
-    out = kernels.selective_scan(**t, delta_softplus=True, backend="chunked")
-    direct = selective_scan_chunked(**t, delta_softplus=True)
-    assert torch.isfinite(out).all()
-    assert _rel(out, ref) <= 1e-5
-    assert torch.equal(out, direct)
-
-
-def test_chunked_scan_gradients_match_reference():
-    t = _scan_inputs(2, 4, 2, 4, 75, seed=1)
-    weight = torch.linspace(-1, 1, 75)
-
-    def grads(backend):
-        xs = {k: v.clone().requires_grad_() for k, v in t.items()}
-        y = kernels.selective_scan(**xs, delta_softplus=True, backend=backend)
-        (y * weight).sum().backward()
-        return {k: v.grad for k, v in xs.items()}
-
-    ref, got = grads("reference"), grads("chunked")
-    for key in t:
-        assert _rel(got[key], ref[key]) <= 1e-5, key
-
-
-def test_closed_form_recurrence_survives_strong_decay():
-    # Log-decays of -1e4 per step: any exp of a positive difference would overflow to inf.
-    a = torch.full((1, 1, 1, 100), -1e4)
-    a[..., ::7] = 0.0
-    x = torch.randn(1, 1, 1, 100)
-    h = linear_recurrence_closed(a, x)
-    expected, state = torch.empty_like(x), torch.zeros(1, 1, 1)
-    for i in range(100):
-        state = torch.exp(a[..., i]) * state + x[..., i]
-        expected[..., i] = state
-    assert torch.isfinite(h).all()
-    torch.testing.assert_close(h, expected)
-
-
-def test_chunked_backend_is_registered_but_never_auto():
-    assert "chunked" in kernels.available_backends("cpu")
-    assert kernels.resolve_backend("auto", "cpu") != "chunked"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,50 +121,52 @@ def test_onnx_golden_fixture(golden, tmp_path_factory):
     assert float(np.abs(clf(tensors["input"]) - tensors["logits"].numpy()).max()) <= TOL
 
 
-class _ScanOnly(torch.nn.Module):
-    """One selective scan whose inputs are all derived from one (batch, K*D, L) input (the ONNX path
-    names one input). K = 2 groups of D = 3 channels; ``strong`` gives decays near zero."""
+class _CoreOnly(torch.nn.Module):
+    """One SS2D core (four routes, projections, scan, merge) with fixed random parameters.
 
-    def __init__(self, d_state: int, strong: bool):
+    ``memory`` "long": step sizes around 1e-3 and |A| about 1, so the state carries over thousands
+    of steps and every line's starting state (the carry across lines) matters; "short": |A| up to
+    e^3 and step sizes around 1, decays near zero.
+    """
+
+    def __init__(self, d_inner: int, d_state: int, rank: int, memory: str, backend: str = "auto"):
         super().__init__()
-        generator = torch.Generator().manual_seed(d_state)
-        self.d_state = d_state
-        self.register_buffer("A", -torch.rand(6, d_state, generator=generator) * (30.0 if strong else 1.0) - 0.05)
-        self.register_buffer("D", torch.randn(6, generator=generator))
-        self.register_buffer("bias", torch.randn(6, generator=generator))
-
-    def inputs(self, x):
-        batch, _, length = x.shape
-        groups = x.view(batch, 2, 3, length)
-        B = torch.cat([groups[:, :, :1].sin()] * self.d_state, dim=2)          # (batch, 2, N, L)
-        C = torch.cat([groups[:, :, 1:2].cos()] * self.d_state, dim=2)
-        return dict(u=x, delta=x * 1.5 - 0.5, A=self.A, B=B, C=C, D=self.D, delta_bias=self.bias,
-                    delta_softplus=True)
+        g = torch.Generator().manual_seed(d_state)
+        long = memory == "long"
+        self.backend = backend
+        self.register_buffer("x_proj_weight", torch.randn(4, rank + 2 * d_state, d_inner, generator=g) * 0.5)
+        self.register_buffer("dt_projs_weight", torch.randn(4, d_inner, rank, generator=g) * (0.1 if long else 0.5))
+        self.register_buffer("dt_projs_bias", torch.randn(4, d_inner, generator=g) * 0.5 + (-7.0 if long else 0.0))
+        self.register_buffer("A_logs", torch.rand(4 * d_inner, d_state, generator=g) * 3.0 - (1.0 if long else 0.0))
+        self.register_buffer("Ds", torch.randn(4 * d_inner, generator=g))
 
     def forward(self, x):
-        return kernels.selective_scan(**self.inputs(x), backend="chunked")
+        return kernels.cross_selective_scan(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                                            self.A_logs, self.Ds, backend=self.backend)
 
 
-@pytest.mark.parametrize("d_state,strong", [(1, False), (4, True)])
-def test_onnx_scan_lowering_matches_reference_at_any_length(d_state, strong, tmp_path):
-    # Lengths that are and are not perfect squares (the lowering cuts the sequence into about sqrt(L)
-    # segments of about sqrt(L) steps, padding the last), a single segment, and long ones.
-    module = _ScanOnly(d_state, strong).eval()
-    length = torch.export.Dim("length", min=2, max=1 << 16)
-    program = torch.export.export(module, (torch.randn(2, 6, 10),),
-                                  dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64), 2: length}})
-    path = tmp_path / "scan.onnx"
+@pytest.mark.parametrize("d_state,memory", [(1, "long"), (4, "short"), (1, "short"), (3, "long")])
+def test_onnx_core_lowering_matches_reference_at_any_size(d_state, memory, tmp_path):
+    # Square and non-square maps both ways, a single row or column pair of lines, maps whose sides
+    # share no factor, and a long one (4200 steps per route).
+    module = _CoreOnly(5, d_state, 2, memory).eval()
+    reference = _CoreOnly(5, d_state, 2, memory, backend="reference").eval()
+    Dim = torch.export.Dim
+    shapes = {"x": {0: Dim("batch", min=1, max=64), 2: Dim("height", min=2, max=4096),
+                    3: Dim("width", min=2, max=4096)}}
+    program = torch.export.export(module, (torch.randn(2, 5, 4, 6),), dynamic_shapes=shapes)
+    path = tmp_path / "core.onnx"
     onnx.save_model(onnx_model_proto(program, output_names=None), str(path))
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch, steps in [(1, 2), (3, 7), (2, 49), (1, 50), (2, 130), (1, 4099)]:
-        x = torch.randn(batch, 6, steps, generator=torch.Generator().manual_seed(steps))
+    for batch, height, width in [(1, 2, 2), (3, 7, 3), (2, 3, 7), (1, 2, 13), (2, 13, 2), (1, 11, 17), (1, 60, 70)]:
+        x = torch.randn(batch, 5, height, width, generator=torch.Generator().manual_seed(height * width))
         with torch.no_grad():
-            expected = kernels.selective_scan(**module.inputs(x), backend="reference")
+            expected = reference(x)
         out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         err = float(np.abs(out - expected.numpy()).max())
-        assert err <= 1e-4 * max(1.0, float(expected.abs().max())), (steps, err)
+        assert err <= 1e-4 * max(1.0, float(expected.abs().max())), (height, width, err)
 
 
 def test_onnx_graph_is_standard_and_the_scan_is_not_unrolled(tmp_path_factory):
@@ -245,9 +175,9 @@ def test_onnx_graph_is_standard_and_the_scan_is_not_unrolled(tmp_path_factory):
     proto = onnx.load(str(path))
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
     assert not proto.functions
-    # Three ONNX Scans per selective scan call (segments, carries across them, segments again),
-    # whatever the sequence length: nothing is unrolled.
-    assert sum(n.op_type == "Scan" for n in proto.graph.node) == 3 * sum(model.config.depths)
+    # Six ONNX Scans per SS2D core (per pair of routes: lines, carries across lines, lines again),
+    # whatever the map size: nothing is unrolled.
+    assert sum(n.op_type == "Scan" for n in proto.graph.node) == 6 * sum(model.config.depths)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_value == 3 and all(d.dim_param for d in (dims[0], dims[2], dims[3]))
 
@@ -257,7 +187,7 @@ def test_onnx_graph_size_does_not_depend_on_the_image_size():
     model = _build(_shrunk("vmamba-tiny").replace(depths=(1, 1), dims=(8, 16)), 6)
     counts = [len(onnx_model_proto(export_program(model, dynamic=False, resolution=size, batch=1)).graph.node)
               for size in (64, (128, 96))]
-    # Equal up to constant folding (a size whose segments need no padding folds a few nodes away);
+    # Equal up to the constant folding of shape arithmetic, which can differ between sizes;
     # an unrolled scan would add nodes in proportion to the sequence length (4x here).
     assert abs(counts[0] - counts[1]) <= 0.05 * counts[0] and 20 < counts[0] < 5000
 
@@ -294,11 +224,9 @@ def test_pt2_round_trip_other_batch_and_size(cli_export, tmp_path):
                                  str(out), "--resolution", "64"])
     assert result.exit_code == 0, result.output
     program = torch.export.load(str(out))
-    # The program runs the model's own core operator (kernel chosen where it runs), not the
-    # standard-ops chunked scan that the ONNX path lowers.
+    # The program runs the model's own core operator (kernel chosen where it runs).
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert "vmamba.cross_selective_scan.default" in targets
-    assert not any("chunked_selective_scan" in target for target in targets)
     for shape in [(3, 3, 96, 64), (1, 3, 64, 128)]:
         x = torch.randn(*shape)
         with torch.no_grad():

@@ -538,7 +538,7 @@ def _onnxruntime_row(eager: dict, model: nn.Module, resolution: int, batch_size:
     name = eager["model"]
     row = {key: eager.get(key) for key in ("model", "family", "resolution", "requested_batch_size", "flops",
                                            "flops_method", "gflops", "params")}
-    row.update(runtime="onnxruntime", device="cpu", dtype="float32", scan_backend="onnx (segmented Scan)")
+    row.update(runtime="onnxruntime", device="cpu", dtype="float32", scan_backend="onnx (Scans per line)")
     try:
         if "module" not in exported:
             log(f"{name}: exporting to ONNX for onnxruntime")
