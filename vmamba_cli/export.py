@@ -381,12 +381,6 @@ def _cross_selective_scan_onnx(x, x_proj_weight, dt_projs_weight, dt_projs_bias,
     return op.Transpose(y, perm=[0, 3, 1, 2]), empty, op.Identity(empty)
 
 
-def _onnx_tensor(array: np.ndarray):
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(array)
-
-
 # ------------------------------------------------------------------------------------------------
 # ONNX export
 # ------------------------------------------------------------------------------------------------
