@@ -325,7 +325,7 @@ def _cross_selective_scan_onnx(x, x_proj_weight, dt_projs_weight, dt_projs_bias,
     dt_weight = op.Concat(dt_projs_weight, op.Unsqueeze(dt_projs_bias, ints(-1)), axis=2)  # (4, D, R+1)
 
     # Step-major copies of x, each made by a transpose that moves whole rows or channel blocks
-    # (onnxruntime's general N-d transposes of this size are ~10x slower): columns first as the 2-d
+    # (onnxruntime's general N-d transpose does the same in ~20x the time): columns first as the 2-d
     # transpose of (B*D, H*W), rows from columns by swapping the two leading axes of (H, W, B*D).
     # (H, W, B*D) is a separate Reshape so that the two transposes are not merged into one.
     batch_channels, sizes = op.Shape(x, start=0, end=2), op.Shape(x, start=2, end=4)
