@@ -52,6 +52,10 @@ class InputError(VMambaError, ValueError):
     """A value given to a library function that it refuses (top-k of 0, labels that do not fit ...)."""
 
 
+class ExportError(VMambaError, RuntimeError):
+    """An export or an exported file that cannot be used (or a missing optional package)."""
+
+
 class UnknownModelError(VMambaError, KeyError):
     """A model (or official weights) name that is not registered; the message lists close names.
 
@@ -67,5 +71,5 @@ class UnknownModelError(VMambaError, KeyError):
 __all__ = [
     "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_IMAGE_FAILURES", "EXIT_INTERRUPTED",
     "VMambaError", "PathError", "CheckpointError", "ImageError", "DataError", "ResumeError", "TrainingDiverged",
-    "InputError", "UnknownModelError",
+    "InputError", "ExportError", "UnknownModelError",
 ]
