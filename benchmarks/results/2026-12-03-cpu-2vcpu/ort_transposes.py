@@ -2,8 +2,9 @@
 
     python ort_transposes.py FILE.onnx
 """
-import sys, json, collections, numpy as np, onnxruntime as ort, onnx
+import sys, os, tempfile, json, collections, numpy as np, onnxruntime as ort, onnx
 o = ort.SessionOptions(); o.intra_op_num_threads = 2; o.enable_profiling = True
+o.profile_file_prefix = os.path.join(tempfile.gettempdir(), "ort_transposes")   # not into the working folder
 o.optimized_model_filepath = "/tmp/ort_transposes.opt.onnx"   # to read the perms after optimisation
 s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
 x = np.random.randn(8,3,224,224).astype(np.float32)
