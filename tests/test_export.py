@@ -5,7 +5,7 @@ ONNX parity is checked for every released configuration: shrunk (one block per s
 the widths) with each configuration's structural flags kept, exported dynamic and run at batch 1
 and 3, square and non-square both ways; vmamba-tiny and vmamba-v0-tiny at full size and the golden
 fixture, exported at a fixed size (tracing with symbolic sizes costs several times more, and the
-scan lowering emits the same shape-generic ONNX either way: every size is read with Shape at run
+core lowering emits the same shape-generic ONNX either way: every size is read with Shape at run
 time). Classifier heads are scaled up so that logits are of order 1-10 and the 1e-4 tolerance is a
 real constraint.
 """
